@@ -1,0 +1,21 @@
+"""orchmoe: multi-task parameter-efficient fine-tuning with routed LoRA skills (OrchMoE, arXiv 2401.10559).
+
+``import orchmoe`` registers the method with peft, so ``get_peft_model(model, OrchMoEConfig(...))`` and
+``PeftModel.from_pretrained(base, path)`` work as for peft's own methods.
+"""
+
+from .tuner import OrchMoEConfig, OrchMoEModel, Routing
+from .tuner.access import format_parameter_report, get_tuner, parameter_report, routing
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "OrchMoEConfig",
+    "OrchMoEModel",
+    "Routing",
+    "__version__",
+    "format_parameter_report",
+    "get_tuner",
+    "parameter_report",
+    "routing",
+]

@@ -1,0 +1,122 @@
+"""Configuration of the OrchMoE tuner (PEFT-style dataclass; every choice of DESIGN.md is a field)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from peft.config import PeftConfig
+
+from ._registry import ORCHMOE_PEFT_TYPE
+
+SkillRelaxation = Literal["gumbel_softmax", "gumbel_sigmoid"]
+RouterNorm = Literal["batch", "layer", "none"]
+
+
+@dataclass
+class OrchMoEConfig(PeftConfig):
+    """Configuration of an [`OrchMoEModel`]: a pool of LoRA skills, a Task Router and a Skill Router.
+
+    At parameter parity, LoRA of rank ``R`` corresponds to ``n_skills * r == R``. With the default
+    ``scale_by_skills=True`` and the scaling ``lora_alpha / (n_skills * r)``, uniform routing is exactly a LoRA of
+    rank ``n_skills * r`` with scaling ``lora_alpha / (n_skills * r)``: routing can only add to LoRA.
+    """
+
+    r: int = field(default=2, metadata={"help": "LoRA rank of one skill."})
+    n_skills: int = field(default=8, metadata={"help": "Number of LoRA skills S in each adapted module."})
+    n_tasks: int = field(default=4, metadata={"help": "Number of abstract tasks T the Task Router infers."})
+    lora_alpha: float = field(
+        default=16.0, metadata={"help": "LoRA alpha; the skill output is scaled by lora_alpha / (n_skills * r)."}
+    )
+    lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the input of the skills."})
+    target_modules: list[str] | str | None = field(
+        default=None,
+        metadata={
+            "help": "Names (or a regex) of the nn.Linear modules to adapt, e.g. ['q_proj', 'v_proj']. None picks "
+            "peft's LoRA defaults for the model type."
+        },
+    )
+    exclude_modules: list[str] | str | None = field(
+        default=None, metadata={"help": "Names (or a regex) of modules never to adapt."}
+    )
+    modules_to_save: list[str] | None = field(
+        default=None, metadata={"help": "Modules besides the adapters to train and save (e.g. a new head)."}
+    )
+    init_weights: bool = field(
+        default=True, metadata={"help": "Initialise every skill's B to zero (the adapted model starts as the base)."}
+    )
+    temperature: float = field(
+        default=1.0, metadata={"help": "Temperature tau of the Skill Router relaxation: softmax((Z + g) / tau)."}
+    )
+    skill_relaxation: SkillRelaxation = field(
+        default="gumbel_softmax",
+        metadata={
+            "help": "Relaxation of the task-skill allocation: 'gumbel_softmax' (each abstract task's row is a "
+            "distribution over skills) or 'gumbel_sigmoid' (Poly's relaxed Bernoulli, rows normalised)."
+        },
+    )
+    share_allocation: bool = field(
+        default=False,
+        metadata={"help": "One task-skill allocation matrix Z for all modules instead of one per adapted module."},
+    )
+    scale_by_skills: bool = field(
+        default=True,
+        metadata={
+            "help": "Multiply the per-example skill weights (rows summing to 1) by n_skills, so uniform routing is "
+            "a LoRA of rank n_skills * r. Without it skills learn ~1/S^2 slower (DESIGN.md, measured pitfalls)."
+        },
+    )
+    router_attention: bool = field(
+        default=True,
+        metadata={"help": "Task Router: parameter-free self-attention with a residual over the prompt embeddings."},
+    )
+    router_norm: RouterNorm = field(
+        default="batch",
+        metadata={
+            "help": "Task Router: normalisation of the pooled prompt vector. 'batch' centres it across examples (a "
+            "BatchNorm without affine: batch statistics in training, running statistics at eval); 'layer' and "
+            "'none' are ablations that collapse in practice."
+        },
+    )
+    router_mi_weight: float = field(
+        default=0.1,
+        metadata={
+            "help": "lambda of the router objective lambda * (mean_b H(w_b) - H(mean_b w)) (minus the mutual "
+            "information between input and abstract task). Added to the loss when `labels` are passed in training "
+            "mode; 0 switches it off."
+        },
+    )
+    router_lr_multiplier: float = field(
+        default=10.0,
+        metadata={"help": "Learning rate of router parameters (W_task, allocation logits) relative to the skills'."},
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.peft_type = ORCHMOE_PEFT_TYPE
+        for name in ("r", "n_skills", "n_tasks"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"OrchMoEConfig.{name} must be an integer >= 1, got {value!r}.")
+        if self.temperature <= 0:
+            raise ValueError(f"OrchMoEConfig.temperature must be > 0, got {self.temperature!r}.")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ValueError(f"OrchMoEConfig.lora_dropout must be in [0, 1), got {self.lora_dropout!r}.")
+        if self.router_mi_weight < 0:
+            raise ValueError(f"OrchMoEConfig.router_mi_weight must be >= 0, got {self.router_mi_weight!r}.")
+        if self.router_lr_multiplier <= 0:
+            raise ValueError(f"OrchMoEConfig.router_lr_multiplier must be > 0, got {self.router_lr_multiplier!r}.")
+        choices = {"skill_relaxation": SkillRelaxation, "router_norm": RouterNorm}
+        for name, literal in choices.items():
+            allowed = literal.__args__
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"OrchMoEConfig.{name} must be one of {allowed}, got {getattr(self, name)!r}.")
+        if isinstance(self.target_modules, list):
+            self.target_modules = set(self.target_modules)
+        if isinstance(self.exclude_modules, list):
+            self.exclude_modules = set(self.exclude_modules)
+
+    @property
+    def scaling(self) -> float:
+        """LoRA scaling of the concatenated skills: lora_alpha / (n_skills * r)."""
+        return self.lora_alpha / (self.n_skills * self.r)

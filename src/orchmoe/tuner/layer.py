@@ -1,0 +1,129 @@
+"""The adapted linear layer: a pool of S LoRA skills mixed per example (paper eq. 3).
+
+    h = W0 x + scaling * sum_j alpha_j B_j A_j x
+
+computed as ONE low-rank product with a per-example diagonal (no loop over skills)::
+
+    u  = x A_cat^T                      # (B, T_seq, S*r)
+    u  = u * repeat(alpha, r)           # (B, T_seq, S*r)
+    dh = scaling * u B_cat^T            # (B, T_seq, out)
+
+so its cost is that of one LoRA of rank S*r plus an elementwise product.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from peft.tuners.tuners_utils import BaseTunerLayer
+from torch import nn
+
+from .config import OrchMoEConfig
+from .router import SkillRouter
+
+
+class RoutingMissingError(RuntimeError):
+    """An OrchMoE layer ran without per-example skill weights."""
+
+
+class OrchMoELayer(BaseTunerLayer):
+    adapter_layer_names = ("orchmoe_A", "orchmoe_B", "orchmoe_skill_router")
+    other_param_names = ("r", "n_skills", "scaling", "orchmoe_dropout")
+
+    def __init__(self, base_layer: nn.Module, **kwargs: Any) -> None:
+        self.base_layer = base_layer
+        self.r: dict[str, int] = {}
+        self.n_skills: dict[str, int] = {}
+        self.scaling: dict[str, float] = {}
+        self.orchmoe_A = nn.ParameterDict()  # A_cat: (S*r, in)
+        self.orchmoe_B = nn.ParameterDict()  # B_cat: (out, S*r)
+        self.orchmoe_skill_router = nn.ModuleDict()  # Z per module (absent when the allocation is shared)
+        self.orchmoe_dropout = nn.ModuleDict()
+        self.kwargs = kwargs
+        base = self.get_base_layer()
+        if not isinstance(base, nn.Linear):
+            raise TypeError(f"OrchMoE adapts torch.nn.Linear modules only, got {type(base).__name__}.")
+        self.in_features, self.out_features = base.in_features, base.out_features
+
+    def update_layer(self, adapter_name: str, config: OrchMoEConfig, inference_mode: bool = False) -> None:
+        s, r = config.n_skills, config.r
+        self.r[adapter_name], self.n_skills[adapter_name] = r, s
+        self.scaling[adapter_name] = config.scaling
+        self.orchmoe_A[adapter_name] = nn.Parameter(torch.empty(s * r, self.in_features))
+        self.orchmoe_B[adapter_name] = nn.Parameter(torch.empty(self.out_features, s * r))
+        self.orchmoe_dropout[adapter_name] = nn.Dropout(config.lora_dropout) if config.lora_dropout else nn.Identity()
+        if not config.share_allocation:
+            self.orchmoe_skill_router[adapter_name] = SkillRouter(config)
+        self.reset_parameters(adapter_name, config.init_weights)
+        self._move_adapter_to_device_of_base_layer(adapter_name)
+        self.set_adapter(self.active_adapters, inference_mode=inference_mode)
+
+    def reset_parameters(self, adapter_name: str, init_weights: bool) -> None:
+        # Every skill's A is initialised as LoRA's (kaiming uniform over fan_in = in_features), B to zero.
+        nn.init.kaiming_uniform_(self.orchmoe_A[adapter_name], a=math.sqrt(5))
+        if init_weights:
+            nn.init.zeros_(self.orchmoe_B[adapter_name])
+        else:
+            nn.init.kaiming_uniform_(self.orchmoe_B[adapter_name], a=math.sqrt(5))
+
+    def skill_delta(self, adapter_name: str, x: torch.Tensor, skill_weights: torch.Tensor) -> torch.Tensor:
+        """scaling * sum_j alpha_j B_j A_j x for x (B, *, in) and alpha (B', S) with B a multiple of B'."""
+        a, b = self.orchmoe_A[adapter_name], self.orchmoe_B[adapter_name]
+        r = self.r[adapter_name]
+        batch = x.shape[0]
+        if skill_weights.shape[0] != batch:
+            if batch % skill_weights.shape[0]:
+                raise ValueError(
+                    f"OrchMoE skill weights are for {skill_weights.shape[0]} examples but the layer input has batch "
+                    f"size {batch}, which is not a multiple of it."
+                )
+            # generate() expands each example for beams / num_return_sequences with repeat_interleave.
+            skill_weights = skill_weights.repeat_interleave(batch // skill_weights.shape[0], dim=0)
+        diag = skill_weights.to(a.dtype).repeat_interleave(r, dim=-1)  # (B, S*r)
+        diag = diag.view(batch, *([1] * (x.dim() - 2)), diag.shape[-1])  # (B, 1.., S*r)
+        u = F.linear(self.orchmoe_dropout[adapter_name](x.to(a.dtype)), a)  # (B, T_seq, S*r)
+        return F.linear(u * diag, b) * self.scaling[adapter_name]  # (B, T_seq, out)
+
+
+class Linear(nn.Module, OrchMoELayer):
+    """An nn.Linear with an OrchMoE skill pool. Skill weights arrive as the ``skill_weights`` keyword argument,
+    passed by the forward pre-hooks that :class:`OrchMoEModel` registers for the duration of one call."""
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str, config: OrchMoEConfig, **kwargs: Any) -> None:
+        super().__init__()
+        OrchMoELayer.__init__(self, base_layer, **kwargs)
+        self._active_adapter = adapter_name
+        self.update_layer(adapter_name, config)
+
+    def forward(
+        self, x: torch.Tensor, *args: Any, skill_weights: torch.Tensor | None = None, **kwargs: Any
+    ) -> torch.Tensor:
+        result = self.base_layer(x, *args, **kwargs)
+        if self.disable_adapters or self.merged:
+            return result
+        active = [name for name in self.active_adapters if name in self.orchmoe_A]
+        if not active:
+            return result
+        if skill_weights is None:
+            raise RoutingMissingError(
+                "An OrchMoE layer was called without routing. Call the model through the PeftModel returned by "
+                "get_peft_model / PeftModel.from_pretrained (or OrchMoEModel), which routes from the prompt."
+            )
+        for name in active:
+            result = result + self.skill_delta(name, x, skill_weights).to(result.dtype)
+        return result
+
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
+        raise NotImplementedError(
+            "OrchMoE's update depends on each example's routing and cannot be merged into the base weights. Export "
+            "one routing as a plain LoRA adapter (orchmoe.export_lora) and merge that instead."
+        )
+
+    def unmerge(self) -> None:
+        raise NotImplementedError("OrchMoE layers are never merged.")
+
+    def __repr__(self) -> str:
+        return "orchmoe." + super().__repr__()

@@ -1,0 +1,139 @@
+"""The two routers of OrchMoE: the Task Router (prompt -> abstract tasks) and the Skill Router (tasks -> skills).
+
+Notation (DESIGN.md): B batch, L prompt length, d embedding size, T abstract tasks, S skills.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import OrchMoEConfig
+
+EPS = 1e-9
+
+
+class TaskRouter(nn.Module):
+    """Automatic Task Classification: a soft mix over T abstract tasks, inferred from the prompt alone.
+
+    Paper (parameter-free self-attention with a residual, then a linear map)::
+
+        X^ = softmax(X X^T / sqrt(d)) X + X                       # (B, L, d)
+        w(X) = softmax(W_task pool(X^) + b)                        # (B, T)
+
+    ``pool`` is a masked mean over the routing tokens (the prompt), followed by a centring of the pooled vector
+    across examples (``router_norm="batch"``: a BatchNorm without affine, batch statistics while training, running
+    statistics at eval, so an example's routing at eval never depends on the rest of its batch).
+    """
+
+    def __init__(self, embed_dim: int, config: OrchMoEConfig) -> None:
+        super().__init__()
+        self.embed_dim = embed_dim
+        self.attention = config.router_attention
+        self.norm_kind = config.router_norm
+        self.norm: nn.Module
+        if config.router_norm == "batch":
+            self.norm = nn.BatchNorm1d(embed_dim, affine=False)
+        elif config.router_norm == "layer":
+            self.norm = nn.LayerNorm(embed_dim, elementwise_affine=False)
+        else:
+            self.norm = nn.Identity()
+        self.proj = nn.Linear(embed_dim, config.n_tasks)  # W_task, b
+
+    def pool(self, embeds: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Masked self-attention with residual, then masked mean over tokens: (B, L, d), (B, L) -> (B, d)."""
+        x = embeds.float()  # (B, L, d)
+        keep = mask.bool()  # (B, L)
+        if self.attention:
+            scores = torch.einsum("bid,bjd->bij", x, x) / math.sqrt(self.embed_dim)  # (B, L, L)
+            scores = scores.masked_fill(~keep[:, None, :], torch.finfo(scores.dtype).min)
+            x = torch.einsum("bij,bjd->bid", scores.softmax(dim=-1), x) + x  # (B, L, d)
+        weights = keep.to(x.dtype)  # (B, L)
+        return torch.einsum("bld,bl->bd", x, weights) / weights.sum(dim=1, keepdim=True)  # (B, d)
+
+    def forward(self, embeds: torch.Tensor, mask: torch.Tensor, deterministic: bool = False) -> torch.Tensor:
+        """Abstract-task weights w, each row a distribution over the T abstract tasks: (B, T).
+
+        ``deterministic=True`` routes as at eval (running statistics) whatever the module's mode.
+        """
+        pooled = self.pool(embeds, mask)  # (B, d)
+        if isinstance(self.norm, nn.BatchNorm1d):
+            use_batch_stats = self.training and not deterministic and pooled.shape[0] > 1
+            norm = self.norm
+            pooled = F.batch_norm(
+                pooled,
+                norm.running_mean,
+                norm.running_var,
+                training=use_batch_stats,
+                momentum=norm.momentum if use_batch_stats else 0.0,
+                eps=norm.eps,
+            )  # (B, d)
+            if use_batch_stats and norm.num_batches_tracked is not None:
+                norm.num_batches_tracked.add_(1)
+        else:
+            pooled = self.norm(pooled)  # (B, d)
+        return self.proj(pooled).softmax(dim=-1)  # (B, T)
+
+
+class SkillRouter(nn.Module):
+    """Task-Skill Allocation: a learnable matrix Z (T x S), relaxed with Gumbel noise while training.
+
+        z_i = softmax((Z_i + g) / tau)   (training, g ~ Gumbel(0, 1))      z_i = softmax(Z_i / tau)   (eval)
+        alpha = w^T z                                                     # (B, S), rows sum to 1
+        alpha <- S * alpha                                                # if scale_by_skills
+
+    ``skill_relaxation="gumbel_sigmoid"`` uses Poly's relaxed Bernoulli instead, each row normalised to sum 1.
+    """
+
+    def __init__(self, config: OrchMoEConfig) -> None:
+        super().__init__()
+        self.relaxation = config.skill_relaxation
+        self.temperature = config.temperature
+        self.scale = float(config.n_skills) if config.scale_by_skills else 1.0
+        self.logits = nn.Parameter(torch.empty(config.n_tasks, config.n_skills))  # Z: (T, S)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.uniform_(self.logits, -1e-3, 1e-3)
+
+    def allocation(self, stochastic: bool) -> torch.Tensor:
+        """The relaxed allocation z: each abstract task's row sums to 1: (T, S)."""
+        logits = self.logits.float()  # (T, S)
+        if self.relaxation == "gumbel_softmax":
+            if stochastic:
+                u = torch.rand_like(logits).clamp(EPS, 1.0 - EPS)
+                logits = logits - torch.log(-torch.log(u))  # + Gumbel(0, 1)
+            return (logits / self.temperature).softmax(dim=-1)  # (T, S)
+        if stochastic:
+            u = torch.rand_like(logits).clamp(EPS, 1.0 - EPS)
+            logits = logits + torch.log(u) - torch.log1p(-u)  # + Logistic(0, 1)
+        probs = torch.sigmoid(logits / self.temperature)  # (T, S)
+        return probs / (probs.sum(dim=-1, keepdim=True) + EPS)
+
+    def forward(self, task_weights: torch.Tensor, stochastic: bool) -> torch.Tensor:
+        """Per-example skill weights alpha from abstract-task weights w: (B, T) -> (B, S)."""
+        z = self.allocation(stochastic)  # (T, S)
+        return self.scale * torch.einsum("bt,ts->bs", task_weights.float(), z)  # (B, S)
+
+
+def entropy(p: torch.Tensor) -> torch.Tensor:
+    """Shannon entropy (nats) of distributions along the last dim: (..., K) -> (...)."""
+    return -(p * (p + EPS).log()).sum(dim=-1)
+
+
+def routing_entropies(task_weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean_b H(w_b), H(mean_b w)) of a batch of abstract-task weights (B, T)."""
+    return entropy(task_weights).mean(), entropy(task_weights.mean(dim=0))
+
+
+def mutual_information_loss(task_weights: torch.Tensor) -> torch.Tensor:
+    """mean_b H(w_b) - H(mean_b w): minus the mutual information between example and abstract task.
+
+    Minimising it makes each example's routing confident and the batch's use of abstract tasks balanced (as
+    microsoft/mttl's MI loss plugins do).
+    """
+    per_example, marginal = routing_entropies(task_weights)
+    return per_example - marginal

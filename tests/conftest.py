@@ -1,0 +1,59 @@
+"""Shared fixtures: tiny models built in-process from configs (no download)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+import torch
+from peft import get_peft_model
+
+import orchmoe
+from orchmoe import OrchMoEConfig
+from orchmoe.models import tiny_model
+
+VOCAB = 128
+ARCHS = {
+    # name -> (peft task type, target modules)
+    "tiny-gemma3": ("CAUSAL_LM", ["q_proj", "v_proj"]),
+    "tiny-t5": ("SEQ_2_SEQ_LM", ["q", "v"]),
+}
+
+
+def make_peft(arch: str, seed: int = 0, **overrides) -> torch.nn.Module:
+    """A tiny model of ``arch`` with OrchMoE injected; ``init_weights=False`` so skills are not a no-op."""
+    task_type, targets = ARCHS[arch]
+    kwargs = {"n_tasks": 3, "n_skills": 4, "r": 2, "target_modules": targets, "task_type": task_type}
+    kwargs["init_weights"] = False
+    kwargs.update(overrides)
+    torch.manual_seed(seed)
+    model = get_peft_model(tiny_model(arch, vocab_size=VOCAB, seed=seed), OrchMoEConfig(**kwargs))
+    torch.manual_seed(seed + 1)
+    # give the task router a spread so that routing differs between examples
+    for p in orchmoe.get_tuner(model).router_parameters():
+        torch.nn.init.normal_(p, std=1.0)
+    return model
+
+
+def inputs(batch: int = 3, length: int = 9, seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(4, VOCAB, (batch, length), generator=g)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
+def seq2seq_extra(arch: str, batch: int, length: int = 5) -> dict[str, torch.Tensor]:
+    if arch != "tiny-t5":
+        return {}
+    g = torch.Generator().manual_seed(99)
+    row = torch.randint(4, VOCAB, (1, length), generator=g)
+    return {"decoder_input_ids": row.repeat(batch, 1)}  # the same decoder input for every example
+
+
+@pytest.fixture(params=sorted(ARCHS))
+def arch(request: pytest.FixtureRequest) -> str:
+    return request.param
+
+
+@pytest.fixture
+def peft_factory() -> Callable[..., torch.nn.Module]:
+    return make_peft

@@ -1,0 +1,87 @@
+"""Every documented misuse ends in one clear error."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from peft import PeftModel, get_peft_model
+from torch import nn
+
+from orchmoe import OrchMoEConfig
+from orchmoe.models import tiny_model
+from tests.conftest import VOCAB, inputs, make_peft
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"n_tasks": 0}, "n_tasks"),
+        ({"n_skills": 0}, "n_skills"),
+        ({"r": 0}, "r must"),
+        ({"r": 1.5}, "r must"),
+        ({"temperature": 0.0}, "temperature"),
+        ({"lora_dropout": 1.0}, "lora_dropout"),
+        ({"router_mi_weight": -1.0}, "router_mi_weight"),
+        ({"router_lr_multiplier": 0.0}, "router_lr_multiplier"),
+        ({"skill_relaxation": "argmax"}, "skill_relaxation"),
+        ({"router_norm": "group"}, "router_norm"),
+    ],
+)
+def test_impossible_configs_are_rejected(kwargs: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        OrchMoEConfig(**kwargs)
+
+
+def test_target_module_not_found() -> None:
+    with pytest.raises(ValueError, match="not found in the base model"):
+        get_peft_model(tiny_model("tiny-gemma3", vocab_size=VOCAB), OrchMoEConfig(target_modules=["nope_proj"]))
+
+
+def test_non_linear_target_is_rejected() -> None:
+    with pytest.raises(TypeError, match=r"nn\.Linear"):
+        get_peft_model(tiny_model("tiny-gemma3", vocab_size=VOCAB), OrchMoEConfig(target_modules=["embed_tokens"]))
+
+
+def test_model_without_input_embeddings() -> None:
+    class NoEmbeddings(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.proj = nn.Linear(4, 4)
+
+    with pytest.raises(ValueError, match="input token embeddings"):
+        get_peft_model(NoEmbeddings(), OrchMoEConfig(target_modules=["proj"]))
+
+
+def test_routing_mask_shape_mismatch_and_empty_prompt() -> None:
+    model = make_peft("tiny-gemma3")
+    batch = inputs(batch=2, length=6)
+    with pytest.raises(ValueError, match="routing_mask` has shape"):
+        model(**batch, routing_mask=torch.ones(2, 5))
+    empty = torch.ones(2, 6)
+    empty[1] = 0
+    with pytest.raises(ValueError, match=r"examples \[1\].*no routing token"):
+        model(**batch, routing_mask=empty)
+
+
+@pytest.mark.parametrize(
+    ("change", "match"),
+    [
+        ({"n_skills": 6}, "has shape"),  # same base, other skill count
+        ({"target_modules": ["q_proj", "k_proj", "v_proj"]}, "absent"),  # other modules
+    ],
+)
+def test_loading_an_adapter_into_a_model_of_another_shape(tmp_path, change: dict, match: str) -> None:
+    make_peft("tiny-gemma3").save_pretrained(tmp_path / "a")
+    other = make_peft("tiny-gemma3", **change)
+    with pytest.raises(ValueError, match=match):
+        other.load_adapter(tmp_path / "a", adapter_name="default")
+
+
+def test_loading_an_adapter_into_another_base_model(tmp_path) -> None:
+    make_peft("tiny-gemma3").save_pretrained(tmp_path)
+    bigger = tiny_model("tiny-gemma3", vocab_size=VOCAB + 64)
+    bigger_cfg = bigger.config
+    bigger_cfg.hidden_size = 48
+    base = type(bigger)(bigger_cfg)
+    with pytest.raises(ValueError, match="Cannot load this OrchMoE adapter"):
+        PeftModel.from_pretrained(base, tmp_path)

@@ -1,0 +1,206 @@
+"""OrchMoE as a peft method on tiny Gemma-3-like and T5-like models."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from peft import PeftModel
+from peft.utils import PeftType
+
+import orchmoe
+from orchmoe.models import tiny_model
+from tests.conftest import VOCAB, inputs, make_peft, seq2seq_extra
+
+
+def logits(model: torch.nn.Module, batch: dict, arch: str) -> torch.Tensor:
+    with torch.no_grad():
+        return model(**batch, **seq2seq_extra(arch, batch["input_ids"].shape[0])).logits
+
+
+def test_registered_with_peft() -> None:
+    assert PeftType("ORCHMOE") is orchmoe.OrchMoEConfig(target_modules=["q"]).peft_type
+    model = make_peft("tiny-gemma3")
+    assert isinstance(model, PeftModel)
+    assert isinstance(model.base_model, orchmoe.OrchMoEModel)
+
+
+def test_forward_backward_reaches_every_trainable_part(arch: str) -> None:
+    model = make_peft(arch)
+    model.train()
+    batch = inputs()
+    labels = batch["input_ids"] if arch == "tiny-gemma3" else seq2seq_extra(arch, 3)["decoder_input_ids"]
+    out = model(**batch, labels=labels)
+    assert torch.isfinite(out.loss)
+    out.loss.backward()
+    grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    for part in ("orchmoe_A", "orchmoe_B", "orchmoe_skill_router", "orchmoe_task_router.default.proj.weight"):
+        hit = [g for n, g in grads.items() if part in n]
+        assert hit, part
+        assert all(g is not None and g.abs().sum() > 0 for g in hit), part
+    frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
+    assert frozen and all("orchmoe_" not in n for n in frozen)
+
+
+def test_routing_weights_are_distributions(arch: str) -> None:
+    model = make_peft(arch)
+    model.eval()
+    routing = orchmoe.routing(model, inputs(batch=5))
+    w = routing.task_weights
+    assert w.shape == (5, 3)
+    assert (w >= 0).all() and torch.allclose(w.sum(-1), torch.ones(5))
+    assert routing.skill_weights
+    for alpha in routing.skill_weights.values():
+        assert alpha.shape == (5, 4)
+        # rows sum to 1, scaled by S = 4
+        assert (alpha >= 0).all() and torch.allclose(alpha.sum(-1), torch.full((5,), 4.0))
+
+
+def test_eval_output_independent_of_batch_and_padding(arch: str) -> None:
+    model = make_peft(arch)
+    model.train()
+    for seed in range(3):  # move the BatchNorm running statistics away from their init
+        model(**inputs(batch=4, seed=seed), **seq2seq_extra(arch, 4))
+    model.eval()
+    lengths = [6, 9, 4]
+    rows = [inputs(batch=1, length=n, seed=10 + i) for i, n in enumerate(lengths)]
+    alone = [logits(model, row, arch)[0] for row in rows]
+    width = max(lengths)
+    for side in ("right", "left"):
+        ids = torch.zeros(len(rows), width, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, row in enumerate(rows):
+            n = lengths[i]
+            sl = slice(0, n) if side == "right" else slice(width - n, width)
+            ids[i, sl], mask[i, sl] = row["input_ids"][0], 1
+        batch = {"input_ids": ids, "attention_mask": mask}
+        w_batch = orchmoe.routing(model, batch).task_weights
+        for i, row in enumerate(rows):
+            assert torch.allclose(w_batch[i], orchmoe.routing(model, row).task_weights[0], atol=1e-6), (side, i)
+        if arch == "tiny-gemma3":
+            batch["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0)
+        out = logits(model, batch, arch)
+        for i, n in enumerate(lengths):
+            if arch == "tiny-t5":
+                got = out[i]  # decoder positions: same decoder input for every row
+            else:
+                got = out[i, :n] if side == "right" else out[i, width - n :]
+            assert torch.allclose(got, alone[i], atol=1e-5), (side, i)
+
+
+def test_save_load_round_trip_is_exact(arch: str, tmp_path) -> None:
+    model = make_peft(arch)
+    model.train()
+    model(**inputs(batch=4), **seq2seq_extra(arch, 4))  # update running statistics: they must be saved too
+    model.eval()
+    model.save_pretrained(tmp_path)
+    loaded = PeftModel.from_pretrained(tiny_model(arch, vocab_size=VOCAB, seed=0), tmp_path).eval()
+    batch = inputs(batch=3, seed=5)
+    assert torch.equal(logits(model, batch, arch), logits(loaded, batch, arch))
+
+
+def test_disabled_adapter_gives_base_output(arch: str) -> None:
+    model = make_peft(arch).eval()
+    base = tiny_model(arch, vocab_size=VOCAB, seed=0).eval()
+    batch = inputs()
+    with model.disable_adapter():
+        disabled = logits(model, batch, arch)
+    assert torch.equal(disabled, logits(base, batch, arch))
+    assert not torch.allclose(logits(model, batch, arch), disabled)
+
+
+@pytest.mark.parametrize("num_beams", [1, 2])
+def test_greedy_generate_with_cache_equals_without(arch: str, num_beams: int) -> None:
+    model = make_peft(arch).eval()
+    batch = inputs(batch=2, length=6)
+    kwargs = {"max_new_tokens": 6, "do_sample": False, "num_beams": num_beams, "pad_token_id": 0}
+    with torch.no_grad():
+        cached = model.generate(**batch, use_cache=True, **kwargs)
+        uncached = model.generate(**batch, use_cache=False, **kwargs)
+    assert torch.equal(cached, uncached)
+
+
+def test_generate_routes_once_per_sequence_from_the_prompt() -> None:
+    model = make_peft("tiny-gemma3").eval()
+    router = orchmoe.get_tuner(model).orchmoe_task_router["default"]
+    calls = []
+    handle = router.register_forward_hook(lambda m, a, out: calls.append(out.shape))
+    try:
+        with torch.no_grad():
+            model.generate(**inputs(batch=2, length=5), max_new_tokens=7, do_sample=False, pad_token_id=0)
+    finally:
+        handle.remove()
+    assert calls == [torch.Size([2, 3])]
+    assert not any(m._forward_pre_hooks for m in model.modules())  # the routing hooks are gone
+
+
+def test_routing_mask_makes_training_routing_equal_generation_routing() -> None:
+    model = make_peft("tiny-gemma3").eval()
+    full = inputs(batch=2, length=10)
+    prompt_len = 6
+    routing_mask = torch.zeros_like(full["input_ids"])
+    routing_mask[:, :prompt_len] = 1
+    train_view = orchmoe.routing(model, {**full, "routing_mask": routing_mask}).task_weights
+    prompt_only = {k: v[:, :prompt_len] for k, v in full.items()}
+    assert torch.allclose(train_view, orchmoe.routing(model, prompt_only).task_weights, atol=1e-6)
+    assert not torch.allclose(train_view, orchmoe.routing(model, full).task_weights)
+
+
+def test_router_objective_is_added_to_the_loss_in_training() -> None:
+    batch = inputs(batch=4)
+    losses = {}
+    for weight in (0.0, 0.5):
+        model = make_peft("tiny-gemma3", router_mi_weight=weight).train()
+        torch.manual_seed(0)
+        losses[weight] = model(**batch, labels=batch["input_ids"]).loss
+    state = orchmoe.get_tuner(model).routing_state
+    assert state.mi_loss.requires_grad
+    assert torch.allclose(losses[0.5], losses[0.0] + 0.5 * state.mi_loss)
+    assert 0 <= state.entropy_per_example <= state.entropy_marginal + 1e-6
+
+
+def test_gumbel_noise_only_in_training() -> None:
+    model = make_peft("tiny-gemma3")
+    tuner = orchmoe.get_tuner(model)
+    w = torch.full((2, 3), 1 / 3)
+    first, second = (tuner.skill_weights(w, stochastic=True) for _ in range(2))
+    name = next(iter(first))
+    assert not torch.allclose(first[name], second[name])
+    det = [tuner.skill_weights(w, stochastic=False)[name] for _ in range(2)]
+    assert torch.equal(det[0], det[1])
+
+
+@pytest.mark.parametrize("relaxation", ["gumbel_softmax", "gumbel_sigmoid"])
+def test_shared_allocation_gives_every_module_the_same_skill_weights(relaxation: str) -> None:
+    model = make_peft("tiny-gemma3", share_allocation=True, skill_relaxation=relaxation).eval()
+    weights = list(orchmoe.routing(model, inputs()).skill_weights.values())
+    assert len(weights) == 4  # q and v in two layers
+    assert all(torch.equal(w, weights[0]) for w in weights)
+    counts = orchmoe.parameter_report(model)
+    assert counts["skill_router"] == 3 * 4
+
+
+def test_parameter_report_counts_skills_and_routers_separately(arch: str) -> None:
+    model = make_peft(arch)
+    counts = orchmoe.parameter_report(model)
+    tuner = orchmoe.get_tuner(model)
+    layers = list(tuner.orchmoe_layers())
+    s, r, t = 4, 2, 3
+    d = 32
+    assert counts["skills"] == sum(s * r * (layer.in_features + layer.out_features) for _, layer in layers)
+    assert counts["task_router"] == d * t + t
+    assert counts["skill_router"] == len(layers) * t * s
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert counts["trainable"] == trainable
+    assert "skills" in orchmoe.format_parameter_report(counts)
+
+
+def test_explicit_task_weights_override_the_task_router() -> None:
+    model = make_peft("tiny-gemma3").eval()
+    batch = inputs(batch=2)
+    one_hot = torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.0, 1.0]])
+    with torch.no_grad():
+        a = model(**batch, task_weights=one_hot).logits
+        b = model(**batch, task_weights=one_hot.flip(0)).logits
+    assert not torch.allclose(a, b)
+    with pytest.raises(ValueError, match="task_weights"):
+        model(**batch, task_weights=torch.ones(2, 5))

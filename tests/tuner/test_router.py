@@ -1,0 +1,92 @@
+"""Task Router and Skill Router in isolation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from orchmoe import OrchMoEConfig
+from orchmoe.tuner import SkillRouter, TaskRouter
+from orchmoe.tuner.router import entropy, mutual_information_loss
+
+
+def test_task_router_attention_is_the_papers_formula() -> None:
+    torch.manual_seed(0)
+    router = TaskRouter(8, OrchMoEConfig(n_tasks=3, router_norm="none")).eval()
+    x = torch.randn(2, 5, 8)
+    mask = torch.ones(2, 5, dtype=torch.bool)
+    attn = torch.softmax(x @ x.transpose(1, 2) / 8**0.5, dim=-1)
+    expected = (attn @ x + x).mean(dim=1)  # X^ = softmax(X X^T / sqrt(d)) X + X, mean-pooled
+    assert torch.allclose(router.pool(x, mask), expected, atol=1e-5)
+    w = router(x, mask)
+    assert torch.allclose(w, torch.softmax(router.proj(expected), dim=-1), atol=1e-6)
+
+
+def test_task_router_batch_statistics_in_training_running_statistics_at_eval() -> None:
+    torch.manual_seed(0)
+    router = TaskRouter(8, OrchMoEConfig(n_tasks=3)).train()
+    x, mask = torch.randn(6, 4, 8) + 5.0, torch.ones(6, 4)
+    router(x, mask)
+    assert router.norm.num_batches_tracked.item() == 1
+    assert router.norm.running_mean.abs().sum() > 0
+    # a single example in training falls back to the running statistics (BatchNorm cannot use a batch of one)
+    alone = router(x[:1], mask[:1])
+    router.eval()
+    assert torch.allclose(alone, router(x[:1], mask[:1]))
+    assert torch.allclose(router(x, mask)[2], router(x[2:3], mask[2:3])[0], atol=1e-6)
+
+
+def test_task_router_with_centring_and_mi_discovers_tasks_from_nearly_parallel_prompts() -> None:
+    """Prompts of two tasks sharing one dominant direction (DESIGN.md pitfall): centring + the MI term separate them."""
+    torch.manual_seed(0)
+    common = torch.randn(16) * 50
+    centres = [common + torch.randn(16) for _ in range(2)]
+    labels = torch.arange(32) % 2
+    x = torch.stack([centres[i] + 0.1 * torch.randn(16) for i in labels.tolist()])[:, None, :]  # (32, 1, 16)
+    mask = torch.ones(32, 1)
+    router = TaskRouter(16, OrchMoEConfig(n_tasks=2, router_attention=False)).train()
+    opt = torch.optim.Adam(router.parameters(), lr=1e-2)
+    for _ in range(100):
+        opt.zero_grad()
+        mutual_information_loss(router(x, mask)).backward()
+        opt.step()
+    assigned = router.eval()(x, mask).argmax(dim=-1)
+    assert assigned[labels == 0].unique().numel() == 1 and assigned[labels == 1].unique().numel() == 1
+    assert assigned[0] != assigned[1]
+
+
+@pytest.mark.parametrize("relaxation", ["gumbel_softmax", "gumbel_sigmoid"])
+@pytest.mark.parametrize("scale", [True, False])
+def test_skill_router_rows(relaxation: str, scale: bool) -> None:
+    torch.manual_seed(0)
+    cfg = OrchMoEConfig(n_tasks=3, n_skills=5, skill_relaxation=relaxation, scale_by_skills=scale)
+    router = SkillRouter(cfg)
+    torch.nn.init.normal_(router.logits)
+    for stochastic in (True, False):
+        z = router.allocation(stochastic)
+        assert z.shape == (3, 5) and torch.allclose(z.sum(-1), torch.ones(3), atol=1e-5)
+        w = torch.softmax(torch.randn(4, 3), dim=-1)
+        alpha = router(w, stochastic)
+        assert alpha.shape == (4, 5)
+        assert torch.allclose(alpha.sum(-1), torch.full((4,), 5.0 if scale else 1.0), atol=1e-4)
+
+
+def test_low_temperature_sharpens_the_allocation() -> None:
+    torch.manual_seed(0)
+    sharp = SkillRouter(OrchMoEConfig(n_tasks=2, n_skills=4, temperature=0.05))
+    soft = SkillRouter(OrchMoEConfig(n_tasks=2, n_skills=4, temperature=5.0))
+    logits = torch.randn(2, 4)
+    sharp.logits.data, soft.logits.data = logits.clone(), logits.clone()
+    assert entropy(sharp.allocation(False)).mean() < entropy(soft.allocation(False)).mean()
+
+
+@pytest.mark.parametrize(
+    ("weights", "expected"),
+    [
+        (torch.eye(3), -torch.log(torch.tensor(3.0))),  # confident and balanced: -log T
+        (torch.tensor([[1.0, 0.0, 0.0]] * 3), torch.tensor(0.0)),  # confident, collapsed
+        (torch.full((3, 3), 1 / 3), torch.tensor(0.0)),  # uniform: no information
+    ],
+)
+def test_mutual_information_loss(weights: torch.Tensor, expected: torch.Tensor) -> None:
+    assert torch.allclose(mutual_information_loss(weights), expected, atol=1e-4)
