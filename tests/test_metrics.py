@@ -1,0 +1,60 @@
+"""SNI's ROUGE / exact match on hand-checked pairs, and the routing agreement scores."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from orchmoe.metrics import normalize_answer, routing_agreement, score, score_example
+
+
+@pytest.mark.parametrize(
+    ("prediction", "references", "expected"),
+    [
+        # 5 of 6 unigrams shared, LCS 5 of 6: F = 5/6
+        ("the cat sat on the mat", ["the cat is on the mat"], {"rouge1": 250 / 3, "rougeL": 250 / 3, "exact_match": 0}),
+        # same bag of words, reversed order: LCS 1 of 4
+        ("a b c d", ["d c b a"], {"rouge1": 100, "rougeL": 25}),
+        # sentences swapped: ROUGE-L sees one sequence (LCS 2/4), ROUGE-Lsum scores per sentence
+        ("a b\nc d", ["c d\na b"], {"rougeL": 50, "rougeLsum": 100}),
+        ("running fast", ["run fast"], {"rouge1": 100, "exact_match": 0}),  # Porter stemmer
+        ("The Answer!", ["answer"], {"exact_match": 100}),  # normalised exact match
+        ("blue", ["red", "blue sky"], {"rouge1": 200 / 3}),  # max over references
+        ("", ["anything"], {"rouge1": 0, "exact_match": 0}),
+    ],
+)
+def test_score_example(prediction: str, references: list[str], expected: dict[str, float]) -> None:
+    got = score_example(prediction, references)
+    for key, value in expected.items():
+        assert got[key] == pytest.approx(value, abs=1e-6), key
+
+
+def test_macro_average_weights_tasks_equally() -> None:
+    result = score(["5", "x", "x", "x"], [["5"], ["5"], ["5"], ["y"]], ["a", "b", "b", "b"])
+    assert result["per_task"]["a"]["exact_match"] == 100
+    assert result["per_task"]["b"]["exact_match"] == 0
+    assert result["macro"]["exact_match"] == 50
+
+
+def test_normalize_answer() -> None:
+    assert normalize_answer("  The  quick, brown FOX. ") == "quick brown fox"
+
+
+@pytest.mark.parametrize(
+    ("assigned", "purity", "nmi", "used"),
+    [
+        ([0, 0, 1, 1, 2, 2], 1.0, 1.0, 3),
+        ([2, 2, 0, 0, 1, 1], 1.0, 1.0, 3),  # labels of abstract tasks do not matter
+        ([0, 0, 0, 0, 0, 0], 1 / 3, 0.0, 1),  # collapse
+        ([0, 0, 0, 0, 1, 1], 2 / 3, None, 2),
+    ],
+)
+def test_routing_agreement(assigned: list[int], purity: float, nmi: float | None, used: int) -> None:
+    weights = np.eye(3)[assigned] * 0.5 + 0.1
+    got = routing_agreement(weights, list("aabbcc"))
+    assert got["purity"] == pytest.approx(purity)
+    assert got["abstract_tasks_used"] == used and got["collapsed"] == (used == 1)
+    if nmi is not None:
+        assert got["nmi"] == pytest.approx(nmi, abs=1e-9)
+    else:
+        assert 0 < got["nmi"] < 1
