@@ -204,3 +204,22 @@ def test_explicit_task_weights_override_the_task_router() -> None:
     assert not torch.allclose(a, b)
     with pytest.raises(ValueError, match="task_weights"):
         model(**batch, task_weights=torch.ones(2, 5))
+
+
+@pytest.mark.parametrize(
+    ("overrides", "task_router", "skill_router"),
+    [({"task_router": "uniform"}, 0, 4 * 3 * 4), ({"skill_router": "uniform"}, 32 * 3 + 3, 0)],
+)
+def test_uniform_router_ablations(overrides: dict, task_router: int, skill_router: int) -> None:
+    model = make_peft("tiny-gemma3", **overrides).train()
+    counts = orchmoe.parameter_report(model)
+    assert (counts["task_router"], counts["skill_router"]) == (task_router, skill_router)
+    routing = orchmoe.routing(model, inputs(batch=4))
+    if "task_router" in overrides:
+        assert torch.allclose(routing.task_weights, torch.full((4, 3), 1 / 3))
+    else:  # uniform allocation: every skill weight is S * 1/S = 1, in training too (no noise)
+        tuner = orchmoe.get_tuner(model)
+        for alpha in tuner.skill_weights(routing.task_weights, stochastic=True).values():
+            assert torch.allclose(alpha, torch.ones(4, 4))
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert trainable == counts["trainable"]

@@ -11,6 +11,7 @@ from ._registry import ORCHMOE_PEFT_TYPE
 
 SkillRelaxation = Literal["gumbel_softmax", "gumbel_sigmoid"]
 RouterNorm = Literal["batch", "layer", "none"]
+RouterMode = Literal["learned", "uniform"]
 
 
 @dataclass
@@ -66,6 +67,14 @@ class OrchMoEConfig(PeftConfig):
             "a LoRA of rank n_skills * r. Without it skills learn ~1/S^2 slower (DESIGN.md, measured pitfalls)."
         },
     )
+    task_router: RouterMode = field(
+        default="learned",
+        metadata={"help": "'learned', or 'uniform': every example gets uniform abstract-task weights (ablation)."},
+    )
+    skill_router: RouterMode = field(
+        default="learned",
+        metadata={"help": "'learned', or 'uniform': a fixed uniform task-skill allocation, no noise (ablation)."},
+    )
     router_attention: bool = field(
         default=True,
         metadata={"help": "Task Router: parameter-free self-attention with a residual over the prompt embeddings."},
@@ -106,7 +115,12 @@ class OrchMoEConfig(PeftConfig):
             raise ValueError(f"OrchMoEConfig.router_mi_weight must be >= 0, got {self.router_mi_weight!r}.")
         if self.router_lr_multiplier <= 0:
             raise ValueError(f"OrchMoEConfig.router_lr_multiplier must be > 0, got {self.router_lr_multiplier!r}.")
-        choices = {"skill_relaxation": SkillRelaxation, "router_norm": RouterNorm}
+        choices = {
+            "skill_relaxation": SkillRelaxation,
+            "router_norm": RouterNorm,
+            "task_router": RouterMode,
+            "skill_router": RouterMode,
+        }
         for name, literal in choices.items():
             allowed = literal.__args__
             if getattr(self, name) not in allowed:

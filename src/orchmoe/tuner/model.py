@@ -258,8 +258,8 @@ class OrchMoEModel(BaseTuner):
         skills = sum(
             layer.orchmoe_A[adapter].numel() + layer.orchmoe_B[adapter].numel() for _, layer in self.orchmoe_layers()
         )
-        task_router = sum(p.numel() for p in self.orchmoe_task_router[adapter].parameters())
-        skill_router = sum(p.numel() for p in self.router_parameters()) - task_router
+        task_router = sum(p.numel() for p in self.orchmoe_task_router[adapter].parameters() if p.requires_grad)
+        skill_router = sum(p.numel() for p in self.router_parameters() if p.requires_grad) - task_router
         base = sum(p.numel() for name, p in self.model.named_parameters() if "orchmoe_" not in name)
         return {
             "skills": skills,

@@ -42,6 +42,8 @@ class TaskRouter(nn.Module):
         else:
             self.norm = nn.Identity()
         self.proj = nn.Linear(embed_dim, config.n_tasks)  # W_task, b
+        self.uniform = config.task_router == "uniform"
+        self.proj.requires_grad_(not self.uniform)
 
     def pool(self, embeds: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Masked self-attention with residual, then masked mean over tokens: (B, L, d), (B, L) -> (B, d)."""
@@ -59,6 +61,8 @@ class TaskRouter(nn.Module):
 
         ``deterministic=True`` routes as at eval (running statistics) whatever the module's mode.
         """
+        if self.uniform:  # ablation: no Task Router
+            return embeds.new_full((embeds.shape[0], self.proj.out_features), 1.0 / self.proj.out_features).float()
         pooled = self.pool(embeds, mask)  # (B, d)
         if isinstance(self.norm, nn.BatchNorm1d):
             use_batch_stats = self.training and not deterministic and pooled.shape[0] > 1
@@ -93,8 +97,13 @@ class SkillRouter(nn.Module):
         self.relaxation = config.skill_relaxation
         self.temperature = config.temperature
         self.scale = float(config.n_skills) if config.scale_by_skills else 1.0
-        self.logits = nn.Parameter(torch.empty(config.n_tasks, config.n_skills))  # Z: (T, S)
-        self.reset_parameters()
+        self.uniform = config.skill_router == "uniform"
+        logits = torch.zeros(config.n_tasks, config.n_skills)  # Z: (T, S)
+        if self.uniform:  # a buffer: nothing to train, and peft's set_adapter cannot turn it trainable
+            self.register_buffer("logits", logits)
+        else:
+            self.logits = nn.Parameter(logits)
+            self.reset_parameters()
 
     def reset_parameters(self) -> None:
         nn.init.uniform_(self.logits, -1e-3, 1e-3)
@@ -102,6 +111,8 @@ class SkillRouter(nn.Module):
     def allocation(self, stochastic: bool) -> torch.Tensor:
         """The relaxed allocation z: each abstract task's row sums to 1: (T, S)."""
         logits = self.logits.float()  # (T, S)
+        if self.uniform:  # ablation: no Skill Router
+            return torch.full_like(logits, 1.0 / logits.shape[-1])
         if self.relaxation == "gumbel_softmax":
             if stochastic:
                 u = torch.rand_like(logits).clamp(EPS, 1.0 - EPS)

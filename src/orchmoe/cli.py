@@ -1,0 +1,125 @@
+"""The `orchmoe` command: train, eval, compare, export."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import os
+import sys
+import warnings
+from pathlib import Path
+from typing import Any
+
+from .pipeline.config import FIELDS, METHODS, PRESETS, RunConfig, resolve
+
+EPILOG = "Options also come from --config FILE (YAML/TOML/JSON); flags win over the file, the file over the preset."
+
+
+def _add_run_options(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
+    """One flag per RunConfig field, all defaulting to None (= not given), so precedence can be resolved."""
+    group = parser.add_argument_group("run options")
+    for f in dataclasses.fields(RunConfig):
+        if f.name in skip:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        help_text = f.metadata.get("help", "") + f" (default: {f.default})"
+        kind = str(f.type)
+        if kind == "bool":
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        elif "list" in kind:
+            group.add_argument(flag, nargs="+", default=None, help=help_text)
+        else:
+            caster = int if "int" in kind else float if "float" in kind else str
+            choices = METHODS if f.name == "method" else None
+            group.add_argument(flag, type=caster, default=None, help=help_text, choices=choices)
+    parser.add_argument("--config", type=Path, help="YAML/TOML/JSON file of run options.")
+    parser.add_argument("--preset", choices=sorted(PRESETS), help="A named set of options.")
+
+
+def _flags(args: argparse.Namespace) -> dict[str, Any]:
+    return {k: v for k, v in vars(args).items() if k in FIELDS or k == "preset"}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="orchmoe", description=__doc__, epilog=EPILOG)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--quiet", action="store_true", help="No progress bars.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser(
+        "train", parents=[common], help="Train one method; saves DIR/adapter, DIR/config.json, DIR/train_log.jsonl."
+    )
+    p.add_argument("--out", type=Path, required=True, help="Run directory.")
+    p.add_argument("--resume", action="store_true", help="Continue from the last valid checkpoint in --out.")
+    p.add_argument("--overwrite", action="store_true", help="Replace an existing --out.")
+    _add_run_options(p)
+
+    p = sub.add_parser(
+        "eval", parents=[common], help="Generate on the test sets; writes DIR/predictions.jsonl and DIR/metrics.json."
+    )
+    p.add_argument("run", type=Path, help="A run directory made by `orchmoe train`.")
+    p.add_argument("--unseen", action=argparse.BooleanOptionalAction, default=True, help="Also unseen tasks.")
+
+    p = sub.add_parser(
+        "compare", parents=[common], help="Train and evaluate several methods; writes results.md, results.json, plots."
+    )
+    p.add_argument("--out", type=Path, default=Path("runs/compare"), help="Output directory (default runs/compare).")
+    p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS), help="Methods to compare.")
+    p.add_argument("--overwrite", action="store_true", help="Replace an existing --out.")
+    p.add_argument("--resume", action="store_true", help="Keep finished methods, resume unfinished ones.")
+    _add_run_options(p, skip=("method",))
+
+    p = sub.add_parser("export", parents=[common], help="Write one OrchMoE routing as a standard PEFT LoRA adapter.")
+    p.add_argument("run", type=Path, help="A run directory trained with --method orchmoe.")
+    routing = p.add_mutually_exclusive_group(required=True)
+    routing.add_argument("--task", help="Average routing of this task's test prompts.")
+    routing.add_argument("--abstract-task", type=int, help="One abstract task (one-hot task weights).")
+    routing.add_argument("--prompt", help="The routing of this prompt text.")
+    p.add_argument("--out", type=Path, required=True, help="Directory for the LoRA adapter.")
+    p.add_argument("--overwrite", action="store_true", help="Replace an existing --out.")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    progress = not args.quiet
+    try:
+        if args.command == "train":
+            from .pipeline.trainer import train
+
+            cfg = resolve(_flags(args), args.config)
+            result = train(cfg, args.out, resume=args.resume, overwrite=args.overwrite, progress=progress)
+            print(f"trained {cfg.method}: {result.steps} steps in {result.seconds:.0f} s -> {args.out / 'adapter'}")
+        elif args.command == "eval":
+            from .pipeline.evaluate import evaluate_run
+
+            result = evaluate_run(args.run, unseen=args.unseen, progress=progress)
+            for name in ("seen", "unseen"):
+                if name in result:
+                    macro = result[name]["macro"]
+                    print(f"{name}: " + " ".join(f"{k}={v:.2f}" for k, v in macro.items()))
+        elif args.command == "compare":
+            from .pipeline.compare import compare
+
+            cfg = resolve(_flags(args), args.config)
+            report = compare(cfg, args.out, args.methods, overwrite=args.overwrite, resume=args.resume,
+                             progress=progress)  # fmt: skip
+            print(report)
+        elif args.command == "export":
+            from .pipeline.export import export_run
+
+            path = export_run(args.run, args.out, task=args.task, abstract_task=args.abstract_task,
+                              prompt=args.prompt, overwrite=args.overwrite)  # fmt: skip
+            print(f"wrote a PEFT LoRA adapter to {path}")
+    except (ValueError, FileNotFoundError, RuntimeError) as err:
+        print(f"orchmoe {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

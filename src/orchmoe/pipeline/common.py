@@ -1,0 +1,81 @@
+"""Pieces shared by train, eval and compare: data resolution, run directories, model inputs."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..data import Selection, select, write_suite
+from .checkpoint import atomic_write_text
+from .config import RunConfig
+
+CONFIG_FILE = "config.json"
+
+
+class RunDirError(RuntimeError):
+    pass
+
+
+def resolve_data_dir(cfg: RunConfig, out: Path) -> RunConfig:
+    """Without --data-dir, write the built-in suite (deterministic from the seed) under ``out/suite``."""
+    if cfg.data_dir is not None:
+        if not Path(cfg.data_dir).is_dir():
+            raise RunDirError(
+                f"--data-dir {cfg.data_dir}: no such directory (expected the SNI layout: tasks/, splits/)."
+            )
+        return cfg
+    suite = write_suite(out / "suite", seed=cfg.seed, n_instances=cfg.suite_instances)
+    cfg.data_dir = str(suite)
+    return cfg
+
+
+def make_selection(cfg: RunConfig) -> Selection:
+    assert cfg.data_dir is not None
+    return select(
+        cfg.data_dir,
+        n_tasks=cfg.n_tasks,
+        n_train=cfg.n_train,
+        n_test=cfg.n_test,
+        seed=cfg.seed,
+        n_unseen=cfg.n_unseen,
+        split=cfg.split,
+        k_shot=cfg.k_shot,
+        tasks=cfg.tasks,
+    )
+
+
+def prepare_run_dir(out: Path, overwrite: bool, resume: bool) -> None:
+    """An existing run directory is never clobbered without --overwrite (or continued without --resume)."""
+    if out.exists() and any(out.iterdir()):
+        if resume:
+            return
+        if not overwrite:
+            raise RunDirError(f"{out} already exists and is not empty; pass --overwrite to replace it or --resume.")
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def write_json(path: Path, data: Any) -> None:
+    atomic_write_text(path, json.dumps(data, indent=1, sort_keys=False, default=str) + "\n")
+
+
+def read_run_config(run: Path) -> RunConfig:
+    path = run / CONFIG_FILE
+    if not path.is_file():
+        raise RunDirError(f"{run}: not a run directory (no {CONFIG_FILE}); train one with `orchmoe train`.")
+    return RunConfig(**json.loads(path.read_text()))
+
+
+def model_inputs(batch: dict[str, Any], method: str, task_index: dict[str, int], unseen_row: int) -> dict[str, Any]:
+    """The keyword arguments a method's model gets: never the task names, except Poly/MHR's task ids."""
+    kwargs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
+    if method == "orchmoe" and "routing_mask" in batch:
+        kwargs["routing_mask"] = batch["routing_mask"]
+    if method in ("poly", "mhr"):
+        ids = [task_index.get(t, unseen_row) for t in batch["task"]]
+        kwargs["task_ids"] = torch.tensor(ids, device=batch["input_ids"].device)
+    return kwargs

@@ -1,0 +1,131 @@
+"""Run configuration: defaults < preset < config file (YAML/TOML) < command-line flags."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import tomllib
+import yaml
+
+METHODS = ("orchmoe", "lora", "poly", "mhr")
+
+
+@dataclass
+class RunConfig:
+    """Everything one training + evaluation run depends on. Saved as ``config.json`` in the run directory."""
+
+    method: str = field(default="orchmoe", metadata={"help": "orchmoe, lora, poly or mhr."})
+    model: str = field(default="gemma3-270m", metadata={"help": "gemma3-270m, tiny-gemma3, tiny-t5, an HF id or path."})
+    data_dir: str | None = field(default=None, metadata={"help": "SNI layout; None = the built-in suite."})
+    split: str = field(default="default", metadata={"help": "Split folder under splits/."})
+    seed: int = field(default=0, metadata={"help": "Seeds task choice, data order and initialisation."})
+    n_tasks: int = field(default=10, metadata={"help": "Training tasks, chosen at random (seeded)."})
+    n_unseen: int = field(default=2, metadata={"help": "Unseen tasks from the split's test list."})
+    tasks: list[str] | None = field(default=None, metadata={"help": "Explicit training tasks (overrides n_tasks)."})
+    n_train: int = field(default=48, metadata={"help": "Training instances per task."})
+    n_test: int = field(default=10, metadata={"help": "Test instances per task (its first ones)."})
+    k_shot: int = field(default=0, metadata={"help": "Positive examples in the prompt."})
+    suite_instances: int = field(default=120, metadata={"help": "Instances per task of the built-in suite."})
+    max_input_tokens: int = field(default=256, metadata={"help": "Prompt tokens kept (longer prompts truncated)."})
+    max_target_tokens: int = field(default=32, metadata={"help": "Target tokens kept (longer targets truncated)."})
+    max_new_tokens: int = field(default=24, metadata={"help": "Generation length at evaluation."})
+    batch_size: int = field(default=8, metadata={"help": "Global training batch size (per optimizer step)."})
+    grad_accum: int = field(default=1, metadata={"help": "Gradient accumulation steps."})
+    eval_batch_size: int = field(default=16, metadata={"help": "Generation batch size."})
+    epochs: float = field(default=1.0, metadata={"help": "Passes over the training data."})
+    max_steps: int | None = field(default=None, metadata={"help": "Stop after this many optimizer steps."})
+    lr: float = field(default=1e-3, metadata={"help": "Learning rate of the adapters."})
+    router_lr_multiplier: float = field(default=10.0, metadata={"help": "Router learning rate / adapter lr."})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay."})
+    warmup_ratio: float = field(default=0.0, metadata={"help": "Linear warmup, fraction of the steps."})
+    schedule: str = field(default="linear", metadata={"help": "linear (decay to 0) or constant."})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping (0 = off)."})
+    n_skills: int = field(default=8, metadata={"help": "Skills S per module (OrchMoE, Poly, MHR)."})
+    rank: int = field(default=2, metadata={"help": "Rank r of one skill; LoRA gets rank S*r."})
+    n_abstract_tasks: int = field(default=4, metadata={"help": "OrchMoE abstract tasks T."})
+    n_splits: int = field(default=4, metadata={"help": "MHR heads (Poly has 1)."})
+    lora_alpha: float = field(default=16.0, metadata={"help": "LoRA alpha for LoRA and OrchMoE."})
+    target_modules: list[str] | None = field(default=None, metadata={"help": "Adapted modules (default per model)."})
+    temperature: float = field(default=1.0, metadata={"help": "OrchMoE Gumbel temperature (start)."})
+    temperature_end: float | None = field(default=None, metadata={"help": "Anneal the temperature to this value."})
+    skill_relaxation: str = field(default="gumbel_softmax", metadata={"help": "gumbel_softmax or gumbel_sigmoid."})
+    router_mi_weight: float = field(default=0.1, metadata={"help": "OrchMoE router MI weight lambda."})
+    router_norm: str = field(default="batch", metadata={"help": "OrchMoE task router norm: batch, layer, none."})
+    share_allocation: bool = field(default=False, metadata={"help": "One allocation matrix for all modules."})
+    uniform_task_router: bool = field(default=False, metadata={"help": "Ablation: fixed uniform task weights."})
+    uniform_skill_router: bool = field(default=False, metadata={"help": "Ablation: fixed uniform allocation."})
+    checkpoint_every: int = field(default=0, metadata={"help": "Checkpoint every N optimizer steps (0 = never)."})
+    log_every: int = field(default=5, metadata={"help": "Log every N optimizer steps."})
+    nan_patience: int = field(default=5, metadata={"help": "Stop after this many consecutive non-finite losses."})
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"--method must be one of {METHODS}, got {self.method!r}.")
+        for name in ("n_train", "n_test", "batch_size", "grad_accum", "eval_batch_size", "n_skills", "rank"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}.")
+        if self.batch_size % self.grad_accum:
+            raise ValueError(f"--batch-size {self.batch_size} must be a multiple of --grad-accum {self.grad_accum}.")
+        if self.schedule not in ("linear", "constant"):
+            raise ValueError(f"--schedule must be linear or constant, got {self.schedule!r}.")
+        if self.lr <= 0:
+            raise ValueError(f"--lr must be > 0, got {self.lr}.")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # the built-in demo: fits the README's 15-minute budget on a 2-core CPU with Gemma 3 270M
+    "demo": {},
+    # the paper's optimisation: AdamW, lr 5e-5, linear decay, one epoch
+    "paper": {"lr": 5e-5, "schedule": "linear", "epochs": 1.0, "warmup_ratio": 0.0},
+    "sni-10": {"n_tasks": 10, "n_unseen": 12, "n_train": 32, "n_test": 8, "max_input_tokens": 384},
+    "sni-100": {"n_tasks": 100, "n_unseen": 12, "n_train": 16, "n_test": 4, "max_input_tokens": 384},
+}
+
+FIELDS = {f.name: f for f in dataclasses.fields(RunConfig)}
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """Options from a YAML (.yaml/.yml), TOML (.toml) or JSON file; keys as the flags' names (- or _)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: config file not found.")
+    text = path.read_text(encoding="utf-8")
+    try:
+        if path.suffix == ".toml":
+            data = tomllib.loads(text)
+        elif path.suffix == ".json":
+            data = json.loads(text)
+        else:
+            data = yaml.safe_load(text) or {}
+    except (tomllib.TOMLDecodeError, json.JSONDecodeError, yaml.YAMLError) as err:
+        raise ValueError(f"{path}: cannot parse config file: {err}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: a config file must map option names to values.")
+    options = {str(k).replace("-", "_"): v for k, v in data.items()}
+    unknown = sorted(set(options) - set(FIELDS) - {"preset"})
+    if unknown:
+        raise ValueError(f"{path}: unknown option(s) {', '.join(unknown)}.")
+    return options
+
+
+def resolve(
+    flags: dict[str, Any], config_file: str | Path | None = None, preset: str | None = None, **base: Any
+) -> RunConfig:
+    """defaults < ``base`` (the command's own defaults) < preset < config file < flags (None = not given)."""
+    options: dict[str, Any] = dict(base)
+    file_options = read_config_file(config_file) if config_file else {}
+    preset = flags.get("preset") or file_options.pop("preset", None) or preset
+    if preset:
+        if preset not in PRESETS:
+            raise ValueError(f"Unknown preset {preset!r}; choose one of {', '.join(PRESETS)}.")
+        options.update(PRESETS[preset])
+    options.update(file_options)
+    options.update({k: v for k, v in flags.items() if v is not None and k in FIELDS})
+    return RunConfig(**options)

@@ -1,0 +1,110 @@
+"""Greedy, batched generation (KV cache on) on the test sets; predictions, metrics and routing analysis."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from peft import PeftModel
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from .. import metrics
+from ..data import Collator, Example, encode
+from ..models import load_model
+from ..tuner.access import get_tuner
+from .common import make_selection, model_inputs, read_run_config, write_json
+
+PREDICTIONS = "predictions.jsonl"
+METRICS = "metrics.json"
+
+
+def load_trained(run: Path):
+    """(run config, tokenizer, PeftModel in eval mode, loaded base) for a trained run directory."""
+    import orchmoe  # noqa: F401  (registers the method with peft)
+
+    cfg = read_run_config(run)
+    adapter = run / "adapter"
+    if not (adapter / "adapter_config.json").is_file():
+        raise FileNotFoundError(f"{run}: no trained adapter in {adapter}; train first (or --resume the run).")
+    loaded = load_model(cfg.model, seed=cfg.seed)
+    model = PeftModel.from_pretrained(loaded.model, adapter).eval()
+    return cfg, loaded, model
+
+
+@torch.no_grad()
+def generate(
+    model: torch.nn.Module,
+    loaded,
+    examples: list[Example],
+    method: str,
+    task_index: dict[str, int],
+    batch_size: int,
+    max_input_tokens: int,
+    max_new_tokens: int,
+    desc: str = "eval",
+    progress: bool = True,
+) -> tuple[list[dict[str, Any]], np.ndarray | None]:
+    """Greedy predictions (one dict per example) and, for OrchMoE, the abstract-task weights (N, T)."""
+    tokenizer = loaded.tokenizer
+    encoded, _ = encode(examples, tokenizer, max_input_tokens, max_target_tokens=1)
+    collate = Collator(tokenizer.pad_token_id, loaded.is_encoder_decoder, generation=True)
+    loader = DataLoader(encoded, batch_size=batch_size, collate_fn=collate)
+    rows, weights = [], []
+    for batch in tqdm(loader, desc=desc, disable=not progress, unit="batch"):
+        kwargs = model_inputs(batch, method, task_index, len(task_index))
+        if method == "orchmoe":
+            weights.append(get_tuner(model).routing(**kwargs).task_weights.cpu().numpy())
+        out = model.generate(
+            **kwargs,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            num_beams=1,
+            use_cache=True,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )
+        new = out if loaded.is_encoder_decoder else out[:, batch["input_ids"].shape[1] :]
+        texts = tokenizer.batch_decode(new, skip_special_tokens=True)
+        rows += [{"task": t, "id": i, "prediction": p.strip()} for t, i, p in zip(batch["task"], batch["index"], texts)]
+    by_id = {(e.task, e.id): e for e in examples}
+    for row in rows:
+        row["references"] = list(by_id[(row["task"], row["id"])].references)
+    return rows, (np.concatenate(weights) if weights else None)
+
+
+def evaluate_run(run: Path, unseen: bool = True, progress: bool = True) -> dict[str, Any]:
+    """Evaluate a trained run on its seen-task test sets (and unseen tasks); write predictions and metrics."""
+    run = Path(run)
+    began = time.time()
+    cfg, loaded, model = load_trained(run)
+    selection = make_selection(cfg)
+    task_index = {name: i for i, name in enumerate(selection.train_tasks)}
+    sets = {"seen": selection.test}
+    if unseen and selection.unseen:
+        sets["unseen"] = selection.unseen
+    result: dict[str, Any] = {"method": cfg.method, "model": cfg.model}
+    lines = []
+    for name, examples in sets.items():
+        rows, weights = generate(
+            model, loaded, examples, cfg.method, task_index, cfg.eval_batch_size, cfg.max_input_tokens,
+            cfg.max_new_tokens, desc=f"eval {cfg.method} {name}", progress=progress,
+        )  # fmt: skip
+        scores = metrics.score([r["prediction"] for r in rows], [r["references"] for r in rows],
+                               [r["task"] for r in rows])  # fmt: skip
+        result[name] = scores
+        if weights is not None:
+            result[name]["routing"] = metrics.routing_agreement(weights, [r["task"] for r in rows])
+            result[name]["task_weights_by_task"] = {
+                task: weights[[r["task"] == task for r in rows]].mean(axis=0).round(4).tolist()
+                for task in sorted({r["task"] for r in rows})
+            }
+        lines += [json.dumps({"set": name, **r}) + "\n" for r in rows]
+    result["seconds"] = round(time.time() - began, 2)
+    (run / PREDICTIONS).write_text("".join(lines))
+    write_json(run / METRICS, result)
+    return result

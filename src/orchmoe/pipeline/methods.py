@@ -1,0 +1,135 @@
+"""OrchMoE and its baselines (peft's own LoRA, Poly and MHR), sized to the same adapter-parameter count.
+
+Parity (DESIGN.md): LoRA of rank R = S*r; OrchMoE, Poly and MHR with S skills of rank r. Router parameters are
+counted and reported apart from adapter (skill) parameters. Poly/MHR get one extra task row, never trained, that is
+set to the average of the trained rows to evaluate tasks never seen in training (as microsoft/mttl does).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from peft import LoraConfig, PeftModel, PolyConfig, get_peft_model
+from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+from torch import nn
+
+from ..tuner import OrchMoEConfig
+from ..tuner.access import get_tuner
+from .config import RunConfig
+
+PARITY_TOLERANCE = 0.02
+
+
+def target_modules(model: nn.Module, cfg: RunConfig) -> list[str]:
+    if cfg.target_modules:
+        return list(cfg.target_modules)
+    model_type = model.config.model_type
+    if model_type not in TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING:
+        raise ValueError(f"No default target modules for model type {model_type!r}; pass --target-modules.")
+    return list(TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING[model_type])
+
+
+def peft_config(method: str, model: nn.Module, cfg: RunConfig, n_train_tasks: int):
+    task_type = "SEQ_2_SEQ_LM" if model.config.is_encoder_decoder else "CAUSAL_LM"
+    targets = target_modules(model, cfg)
+    if method == "lora":
+        return LoraConfig(
+            r=cfg.n_skills * cfg.rank, lora_alpha=cfg.lora_alpha, target_modules=targets, task_type=task_type
+        )
+    if method in ("poly", "mhr"):
+        return PolyConfig(
+            r=cfg.rank,
+            n_skills=cfg.n_skills,
+            n_splits=1 if method == "poly" else cfg.n_splits,
+            n_tasks=n_train_tasks + 1,  # + the row for unseen tasks
+            target_modules=targets,
+            task_type=task_type,
+        )
+    return OrchMoEConfig(
+        r=cfg.rank,
+        n_skills=cfg.n_skills,
+        n_tasks=cfg.n_abstract_tasks,
+        lora_alpha=cfg.lora_alpha,
+        target_modules=targets,
+        task_type=task_type,
+        temperature=cfg.temperature,
+        skill_relaxation=cfg.skill_relaxation,
+        router_mi_weight=cfg.router_mi_weight,
+        router_norm=cfg.router_norm,
+        share_allocation=cfg.share_allocation,
+        task_router="uniform" if cfg.uniform_task_router else "learned",
+        skill_router="uniform" if cfg.uniform_skill_router else "learned",
+        router_lr_multiplier=cfg.router_lr_multiplier,
+    )
+
+
+def build(method: str, base: nn.Module, cfg: RunConfig, n_train_tasks: int) -> PeftModel:
+    return get_peft_model(base, peft_config(method, base, cfg, n_train_tasks))
+
+
+def is_router_param(name: str) -> bool:
+    return "orchmoe_task_router" in name or "skill_router" in name or "poly_router" in name
+
+
+@dataclass
+class ParamCounts:
+    adapter: int  # the skills / LoRA matrices
+    router: int  # task router + allocation logits (OrchMoE), task-skill logits (Poly/MHR)
+    base: int
+
+    @property
+    def trainable(self) -> int:
+        return self.adapter + self.router
+
+
+def count_parameters(model: nn.Module) -> ParamCounts:
+    adapter = router = base = 0
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            base += p.numel()
+        elif is_router_param(name):
+            router += p.numel()
+        else:
+            adapter += p.numel()
+    return ParamCounts(adapter, router, base)
+
+
+def check_parity(counts: dict[str, ParamCounts]) -> None:
+    """Every method's adapter parameters within 2% of LoRA's (or of the first method's)."""
+    ref_name = "lora" if "lora" in counts else next(iter(counts))
+    ref = counts[ref_name].adapter
+    for name, c in counts.items():
+        if abs(c.adapter - ref) > PARITY_TOLERANCE * ref:
+            raise ValueError(
+                f"Parameter parity broken: {name} has {c.adapter:,} adapter parameters, {ref_name} {ref:,} "
+                f"(tolerance {PARITY_TOLERANCE:.0%}). Use --rank and --n-skills with LoRA rank = S * r."
+            )
+
+
+def optimizer_groups(model: nn.Module, lr: float, router_lr_multiplier: float, weight_decay: float) -> list[dict]:
+    """Adapters at ``lr``; router parameters at ``lr * router_lr_multiplier`` (no weight decay on routers)."""
+    adapters, routers = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (routers if is_router_param(name) else adapters).append(p)
+    groups = [{"params": adapters, "lr": lr, "weight_decay": weight_decay, "name": "adapters"}]
+    if routers:
+        groups.append({"params": routers, "lr": lr * router_lr_multiplier, "weight_decay": 0.0, "name": "routers"})
+    return groups
+
+
+def set_unseen_task_row(model: nn.Module, n_train_tasks: int) -> None:
+    """Poly/MHR: the reserved last task row := the mean of the trained rows (logits), for unseen tasks."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "poly_router" in name and name.endswith("module_logits"):
+                p[n_train_tasks] = p[:n_train_tasks].mean(dim=0)
+
+
+def set_temperature(model: nn.Module, temperature: float) -> None:
+    """OrchMoE: set the Gumbel temperature of every Skill Router (for annealing)."""
+    tuner = get_tuner(model)
+    for module in tuner.modules():
+        if hasattr(module, "temperature") and hasattr(module, "relaxation"):
+            module.temperature = temperature
