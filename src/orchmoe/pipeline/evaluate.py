@@ -70,7 +70,8 @@ def generate(
         )
         new = out if loaded.is_encoder_decoder else out[:, batch["input_ids"].shape[1] :]
         texts = tokenizer.batch_decode(new, skip_special_tokens=True)
-        rows += [{"task": t, "id": i, "prediction": p.strip()} for t, i, p in zip(batch["task"], batch["index"], texts)]
+        for task, index, text in zip(batch["task"], batch["index"], texts, strict=True):
+            rows.append({"task": task, "id": index, "prediction": text.strip()})
     by_id = {(e.task, e.id): e for e in examples}
     for row in rows:
         row["references"] = list(by_id[(row["task"], row["id"])].references)

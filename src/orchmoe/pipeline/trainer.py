@@ -164,9 +164,15 @@ def train(cfg: RunConfig, out: Path, resume: bool = False, overwrite: bool = Fal
     unwrapped = accelerator.unwrap_model(model)
     if main:
         accelerator.init_trackers("tensorboard", config={k: str(v) for k, v in cfg.to_dict().items()})
-        write_json(out / "data.json", {"train_tasks": selection.train_tasks, "unseen_tasks": selection.unseen_tasks,
-                                       "train_examples": len(encoded), "missing_from_split": selection.missing_from_split,
-                                       "truncation": truncation.as_dict(), "parameters": counts.__dict__})  # fmt: skip
+        summary = {
+            "train_tasks": selection.train_tasks,
+            "unseen_tasks": selection.unseen_tasks,
+            "train_examples": len(encoded),
+            "missing_from_split": selection.missing_from_split,
+            "truncation": truncation.as_dict(),
+            "parameters": counts.__dict__,
+        }
+        write_json(out / "data.json", summary)
 
     if found is not None:
         checkpoint.set_rng_state(state["rng"])  # after prepare(), right where the uninterrupted run stood
