@@ -1,0 +1,102 @@
+"""Export one OrchMoE routing as a standard PEFT LoRA adapter (DESIGN.md "Export").
+
+For a fixed routing, every adapted module computes scaling * sum_j alpha_j B_j A_j x = scaling * B_cat diag(alpha
+(x) 1_r) A_cat x: exactly a LoRA of rank S*r with
+
+    lora_A = diag(repeat(alpha, r)) A_cat    # (S*r, in)
+    lora_B = B_cat                           # (out, S*r)
+    lora_alpha / (S*r) = OrchMoE's scaling
+
+so vLLM / S-LoRA / LoRAX can serve it and ``merge_and_unload`` can merge it. The routing comes from one abstract task
+(one-hot task weights), one prompt, or the average task weights of one task's test prompts (alpha is linear in w).
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from torch import nn
+
+from ..tuner import OrchMoEConfig
+from ..tuner.access import get_tuner
+from .common import make_selection, model_inputs
+from .evaluate import load_trained
+
+
+def lora_from_routing(model: PeftModel, task_weights: torch.Tensor) -> tuple[LoraConfig, dict[str, torch.Tensor]]:
+    """(LoraConfig, {module name: (lora_A, lora_B)}) equal to ``model`` routed by ``task_weights`` (1, T)."""
+    tuner = get_tuner(model)
+    adapter = tuner._adapter
+    config: OrchMoEConfig = tuner.peft_config[adapter]
+    alphas = tuner.skill_weights(task_weights.float(), stochastic=False)  # module -> (1, S)
+    weights = {}
+    for name, layer in tuner.orchmoe_layers():
+        a, b = layer.orchmoe_A[adapter], layer.orchmoe_B[adapter]
+        diag = alphas[name][0].repeat_interleave(layer.r[adapter]).to(a.dtype)  # (S*r,)
+        weights[name] = (diag[:, None] * a).detach().clone(), b.detach().clone()  # (S*r, in), (out, S*r)
+    lora = LoraConfig(
+        r=config.n_skills * config.r,
+        lora_alpha=config.lora_alpha,
+        target_modules=sorted(weights),
+        task_type=config.task_type,
+        base_model_name_or_path=config.base_model_name_or_path,
+    )
+    return lora, weights
+
+
+def to_lora_model(base: nn.Module, lora: LoraConfig, weights: dict[str, tuple[torch.Tensor, torch.Tensor]]):
+    """A peft LoRA model on ``base`` carrying ``weights``."""
+    model = get_peft_model(base, lora)
+    modules = dict(model.base_model.model.named_modules())
+    with torch.no_grad():
+        for name, (a, b) in weights.items():
+            modules[name].lora_A["default"].weight.copy_(a)
+            modules[name].lora_B["default"].weight.copy_(b)
+    return model
+
+
+def export_run(
+    run: Path,
+    out: Path,
+    task: str | None = None,
+    abstract_task: int | None = None,
+    prompt: str | None = None,
+    overwrite: bool = False,
+) -> Path:
+    run, out = Path(run), Path(out)
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise FileExistsError(f"{out} already exists; pass --overwrite to replace it.")
+    cfg, loaded, model = load_trained(run)
+    if cfg.method != "orchmoe":
+        raise ValueError(f"{run} was trained with --method {cfg.method}; only OrchMoE runs can be exported this way.")
+    tuner = get_tuner(model)
+    n_tasks = tuner.peft_config[tuner._adapter].n_tasks
+    with torch.no_grad():
+        if abstract_task is not None:
+            if not 0 <= abstract_task < n_tasks:
+                raise ValueError(f"--abstract-task must be in [0, {n_tasks - 1}], got {abstract_task}.")
+            w = torch.nn.functional.one_hot(torch.tensor([abstract_task]), n_tasks).float()
+        elif prompt is not None:
+            enc = loaded.tokenizer([prompt], return_tensors="pt")
+            w = tuner.routing(enc["input_ids"], enc["attention_mask"]).task_weights
+        else:
+            selection = make_selection(cfg)
+            examples = [e for e in selection.test + selection.unseen if e.task == task]
+            if not examples:
+                known = ", ".join(selection.train_tasks + selection.unseen_tasks)
+                raise ValueError(f"--task {task!r} is not among this run's tasks: {known}.")
+            from ..data import Collator, encode
+
+            encoded, _ = encode(examples, loaded.tokenizer, cfg.max_input_tokens, 1)
+            batch = Collator(loaded.tokenizer.pad_token_id, loaded.is_encoder_decoder, generation=True)(encoded)
+            w = tuner.routing(**model_inputs(batch, "orchmoe", {}, 0)).task_weights.mean(dim=0, keepdim=True)
+    lora, weights = lora_from_routing(model, w)
+    base = model.unload()  # the plain base model, OrchMoE layers removed
+    if out.exists():
+        shutil.rmtree(out)
+    to_lora_model(base, lora, weights).save_pretrained(out)
+    (out / "routing.txt").write_text(f"task weights: {w[0].tolist()}\nsource: {run}\n")
+    return out

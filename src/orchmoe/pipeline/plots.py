@@ -1,0 +1,88 @@
+"""Figures of a comparison: ROUGE per method, the learned task-skill allocation, inferred vs true tasks, losses."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+from safetensors.torch import load_file
+
+from ..tuner import OrchMoEConfig, SkillRouter
+
+METRIC_LABELS = {"rouge1": "ROUGE-1", "rougeL": "ROUGE-L", "rougeLsum": "ROUGE-Lsum", "exact_match": "EM"}
+
+
+def rouge_bars(results: dict[str, Any], path: Path) -> None:
+    sets = [s for s in ("seen", "unseen") if any(s in r for r in results.values())]
+    fig, axes = plt.subplots(1, len(sets), figsize=(5.5 * len(sets), 3.8), squeeze=False)
+    methods = list(results)
+    width = 0.8 / len(METRIC_LABELS)
+    for ax, name in zip(axes[0], sets, strict=True):
+        for k, (metric, label) in enumerate(METRIC_LABELS.items()):
+            values = [results[m].get(name, {}).get("macro", {}).get(metric, 0.0) for m in methods]
+            ax.bar(np.arange(len(methods)) + (k - 1.5) * width, values, width, label=label)
+        ax.set_xticks(np.arange(len(methods)), methods)
+        ax.set_title(f"{name} tasks (macro average)")
+        ax.set_ylim(0, 100)
+        ax.grid(axis="y", alpha=0.3)
+    axes[0][0].set_ylabel("score")
+    axes[0][-1].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def learned_allocation(adapter_dir: Path) -> np.ndarray:
+    """The eval-time task-skill allocation z = relax(Z / tau), averaged over modules: (T, S)."""
+    config = json.loads((adapter_dir / "adapter_config.json").read_text())
+    fields = {k: v for k, v in config.items() if k in OrchMoEConfig.__dataclass_fields__ and k != "peft_type"}
+    router = SkillRouter(OrchMoEConfig(**fields))
+    tensors = load_file(str(adapter_dir / "adapter_model.safetensors"))
+    allocations = []
+    for key, logits in tensors.items():
+        if key.endswith("skill_router.logits"):
+            with torch.no_grad():
+                router.logits.copy_(logits)
+                allocations.append(router.allocation(stochastic=False).numpy())
+    if not allocations:
+        raise ValueError(f"{adapter_dir}: no OrchMoE allocation logits found.")
+    return np.mean(allocations, axis=0)
+
+
+def heatmap(matrix: np.ndarray, rows: list[str], cols: list[str], title: str, xlabel: str, path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(5.0 + 0.4 * len(cols), 1.5 + 0.35 * len(rows)))
+    image = ax.imshow(matrix, cmap="viridis", aspect="auto", vmin=0)
+    ax.set_xticks(range(len(cols)), cols)
+    ax.set_yticks(range(len(rows)), rows, fontsize=7)
+    ax.set_xlabel(xlabel)
+    ax.set_title(title, fontsize=9)
+    fig.colorbar(image, ax=ax, fraction=0.04)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def loss_curves(logs: dict[str, list[dict[str, Any]]], path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(6, 3.8))
+    for method, log in logs.items():
+        points = [(e["step"], e["loss"]) for e in log if "loss" in e]
+        if points:
+            ax.plot(*zip(*points, strict=True), label=method, marker=".")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("training loss (target tokens)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def short(task: str) -> str:
+    return task if len(task) <= 32 else task[:30] + ".."
