@@ -141,7 +141,7 @@ def train(cfg: RunConfig, out: Path, resume: bool = False, overwrite: bool = Fal
     else:
         scheduler = get_constant_schedule_with_warmup(optimizer, warmup)
 
-    start, log = 0, []
+    start, log, pending = 0, [], {"window": [], "assignments": []}
     ckpt_root = out / "checkpoints"
     found = checkpoint.latest(ckpt_root) if resume else None
     if found is not None:
@@ -151,6 +151,7 @@ def train(cfg: RunConfig, out: Path, resume: bool = False, overwrite: bool = Fal
         scheduler.load_state_dict(state["scheduler"])
         start = state["step"]
         log = [e for e in state["log"] if e["step"] <= start]
+        pending = state["pending"]
 
     micro = cfg.batch_size // cfg.grad_accum
     batches = [
@@ -159,10 +160,14 @@ def train(cfg: RunConfig, out: Path, resume: bool = False, overwrite: bool = Fal
         for i in range(cfg.grad_accum)
     ]
     collate = Collator(loaded.tokenizer.pad_token_id, loaded.is_encoder_decoder)
-    loader = DataLoader(encoded, batch_sampler=FixedBatches(batches, micro), collate_fn=collate)
+    # its own generator: iterating must not draw from the global RNG that the Gumbel noise uses
+    generator = torch.Generator().manual_seed(cfg.seed)
+    loader = DataLoader(encoded, batch_sampler=FixedBatches(batches, micro), collate_fn=collate, generator=generator)
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     unwrapped = accelerator.unwrap_model(model)
+    log_path = out / LOG_FILE
     if main:
+        log_path.write_text("".join(json.dumps(e) + "\n" for e in log))  # on resume: up to the checkpoint
         accelerator.init_trackers("tensorboard", config={k: str(v) for k, v in cfg.to_dict().items()})
         summary = {
             "train_tasks": selection.train_tasks,
@@ -177,8 +182,9 @@ def train(cfg: RunConfig, out: Path, resume: bool = False, overwrite: bool = Fal
     if found is not None:
         checkpoint.set_rng_state(state["rng"])  # after prepare(), right where the uninterrupted run stood
     bar = tqdm(total=steps, initial=start, desc=f"train {cfg.method}", disable=not (progress and main), unit="step")
-    began, window, bad_streak, step = time.time(), [], 0, start
-    assignments: list[torch.Tensor] = []
+    began, bad_streak, step = time.time(), 0, start
+    window: list[tuple[float, float]] = pending["window"]  # losses since the last log entry
+    assignments: list[torch.Tensor] = pending["assignments"]
     iterator = iter(loader)
     for step in range(start + 1, steps + 1):
         if cfg.method == "orchmoe" and cfg.temperature_end is not None:
@@ -225,22 +231,26 @@ def train(cfg: RunConfig, out: Path, resume: bool = False, overwrite: bool = Fal
             bar.set_postfix(loss=f"{entry.get('loss', float('nan')):.3f}")
             if main:
                 accelerator.log({k: v for k, v in entry.items() if isinstance(v, (int, float))}, step=step)
+                with log_path.open("a") as f:
+                    f.write(json.dumps(entry) + "\n")
+                if entry.get("router_collapsed") and not any(e.get("router_collapsed") for e in log[:-1]):
+                    tqdm.write(f"warning: step {step}: the Task Router sends every example to one abstract task")
         if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < steps:
             accelerator.wait_for_everyone()
             if main:
-                checkpoint.save(ckpt_root, step, _state(unwrapped, optimizer, scheduler, step, log))
+                pending = {"window": window, "assignments": assignments}
+                checkpoint.save(ckpt_root, step, _state(unwrapped, optimizer, scheduler, step, log, pending))
     bar.close()
     accelerator.wait_for_everyone()
     if main:
         if cfg.method in ("poly", "mhr"):
             set_unseen_task_row(unwrapped, len(task_index))
         unwrapped.save_pretrained(out / "adapter")
-        (out / LOG_FILE).write_text("".join(json.dumps(e) + "\n" for e in log))
     accelerator.end_training()
     return TrainResult(steps=step, seconds=time.time() - began, log=log)
 
 
-def _state(model, optimizer, scheduler, step: int, log: list[dict[str, Any]]) -> dict[str, Any]:
+def _state(model, optimizer, scheduler, step: int, log: list[dict[str, Any]], pending: dict) -> dict[str, Any]:
     return {
         "step": step,
         "adapter": get_peft_model_state_dict(model),
@@ -248,6 +258,7 @@ def _state(model, optimizer, scheduler, step: int, log: list[dict[str, Any]]) ->
         "scheduler": scheduler.state_dict(),
         "rng": checkpoint.rng_state(),
         "log": log,
+        "pending": pending,
     }
 
 

@@ -1,0 +1,75 @@
+"""defaults < preset < config file < flags."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from orchmoe.cli import _flags, build_parser
+from orchmoe.pipeline.config import RunConfig, read_config_file, resolve
+
+
+def flags(*argv: str) -> dict:
+    return _flags(build_parser().parse_args(["train", "--out", "x", *argv]))
+
+
+@pytest.mark.parametrize("suffix", [".yaml", ".toml", ".json"])
+def test_flags_beat_file_beat_preset_beat_defaults(tmp_path: Path, suffix: str) -> None:
+    body = {
+        ".yaml": "lr: 0.02\nbatch-size: 4\nn_tasks: 3\n",
+        ".toml": "lr = 0.02\nbatch-size = 4\nn_tasks = 3\n",
+        ".json": '{"lr": 0.02, "batch-size": 4, "n_tasks": 3}',
+    }[suffix]
+    path = tmp_path / f"run{suffix}"
+    path.write_text(body)
+    cfg = resolve(flags("--n-tasks", "5", "--preset", "paper"), path)
+    assert cfg.n_tasks == 5  # flag over file
+    assert cfg.lr == 0.02  # file over preset (paper: 5e-5)
+    assert cfg.batch_size == 4  # file over default
+    assert cfg.epochs == 1.0 and cfg.schedule == "linear"  # preset
+    assert cfg.n_train == RunConfig().n_train  # default
+
+
+def test_preset_and_flags_without_file() -> None:
+    cfg = resolve(flags("--preset", "paper"))
+    assert cfg.lr == 5e-5
+    cfg = resolve(flags("--preset", "paper", "--lr", "0.1", "--share-allocation", "--target-modules", "q", "v"))
+    assert cfg.lr == 0.1 and cfg.share_allocation is True and cfg.target_modules == ["q", "v"]
+
+
+def test_preset_in_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("preset: sni-10\nn_train: 7\n")
+    cfg = resolve(flags(), path)
+    assert cfg.n_tasks == 10 and cfg.n_train == 7
+
+
+@pytest.mark.parametrize(
+    ("body", "suffix", "match"),
+    [
+        ("lrr: 1", ".yaml", "unknown option.*lrr"),
+        ("lr = ", ".toml", "cannot parse"),
+        ("- 1\n- 2\n", ".yaml", "must map option names"),
+    ],
+)
+def test_bad_config_files(tmp_path: Path, body: str, suffix: str, match: str) -> None:
+    path = tmp_path / f"c{suffix}"
+    path.write_text(body)
+    with pytest.raises(ValueError, match=match):
+        read_config_file(path)
+
+
+@pytest.mark.parametrize(
+    ("options", "match"),
+    [
+        ({"method": "prefix"}, "--method"),
+        ({"batch_size": 6, "grad_accum": 4}, "multiple of --grad-accum"),
+        ({"n_train": 0}, "--n-train"),
+        ({"lr": 0.0}, "--lr"),
+        ({"preset": "huge"}, "Unknown preset"),
+    ],
+)
+def test_impossible_run_configs(options: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        resolve(options)

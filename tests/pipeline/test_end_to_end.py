@@ -1,0 +1,122 @@
+"""train -> eval -> compare -> export on a tiny model and two built-in tasks, through the CLI."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from peft import PeftModel
+from safetensors.torch import load_file
+
+from orchmoe.cli import main
+from orchmoe.models import tiny_model
+from orchmoe.pipeline.evaluate import load_trained
+from tests.conftest import VOCAB
+
+TINY = [
+    "--model", "tiny-gemma3", "--tasks", "suite001_addition", "suite003_reverse_word", "--n-train", "8",
+    "--n-test", "2", "--n-unseen", "1", "--suite-instances", "16", "--batch-size", "4", "--max-new-tokens", "4",
+    "--quiet",
+]  # fmt: skip
+
+
+def run(*argv: str) -> None:
+    assert main(list(argv)) == 0
+
+
+def test_train_eval_compare(tmp_path: Path) -> None:
+    run("train", "--out", str(tmp_path / "r"), *TINY, "--max-steps", "3")
+    for name in ("adapter/adapter_config.json", "adapter/adapter_model.safetensors", "config.json", "train_log.jsonl"):
+        assert (tmp_path / "r" / name).is_file(), name
+    assert json.loads((tmp_path / "r" / "config.json").read_text())["max_steps"] == 3
+    run("eval", str(tmp_path / "r"), "--quiet")
+    metrics = json.loads((tmp_path / "r" / "metrics.json").read_text())
+    assert set(metrics["seen"]["per_task"]) == {"suite001_addition", "suite003_reverse_word"}
+    assert len(metrics["unseen"]["per_task"]) == 1
+    predictions = (tmp_path / "r" / "predictions.jsonl").read_text().splitlines()
+    assert len(predictions) == 2 * 2 + 2
+    run("compare", "--out", str(tmp_path / "c"), *TINY, "--max-steps", "2")
+    results = json.loads((tmp_path / "c" / "results.json").read_text())
+    assert list(results["methods"]) == ["orchmoe", "lora", "poly", "mhr"]
+    adapters = {m: r["parameters"]["adapter"] for m, r in results["methods"].items()}
+    assert len(set(adapters.values())) == 1  # parity
+    report = (tmp_path / "c" / "results.md").read_text()
+    assert "| orchmoe |" in report and "purity" in report
+    for figure in ("rouge.png", "loss.png", "allocation.png", "routing.png"):
+        assert (tmp_path / "c" / figure).stat().st_size > 1000
+
+
+def test_existing_output_is_not_clobbered(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "r"
+    out.mkdir()
+    (out / "precious.txt").write_text("keep me")
+    assert main(["train", "--out", str(out), *TINY, "--max-steps", "1"]) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert (out / "precious.txt").read_text() == "keep me"
+    run("train", "--out", str(out), *TINY, "--max-steps", "1", "--overwrite")
+    assert not (out / "precious.txt").exists()
+
+
+@pytest.mark.parametrize("method", ["orchmoe", "poly"])
+def test_resume_from_a_checkpoint_gives_the_uninterrupted_adapter(tmp_path: Path, method: str) -> None:
+    args = [*TINY, "--method", method, "--epochs", "3", "--max-steps", "6", "--checkpoint-every", "3", "--grad-accum", "2"]
+    run("train", "--out", str(tmp_path / "a"), *args)
+    run("train", "--out", str(tmp_path / "b"), *args)
+    # simulate a run that died after its step-3 checkpoint: only the checkpoint survives
+    shutil.rmtree(tmp_path / "b" / "adapter")
+    (tmp_path / "b" / "train_log.jsonl").unlink()
+    assert sorted(p.name for p in (tmp_path / "b" / "checkpoints").iterdir()) == ["step-000003"]
+    run("train", "--out", str(tmp_path / "b"), *args, "--resume")
+    a = load_file(str(tmp_path / "a" / "adapter" / "adapter_model.safetensors"))
+    b = load_file(str(tmp_path / "b" / "adapter" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    log_a = (tmp_path / "a" / "train_log.jsonl").read_text().splitlines()
+    log_b = (tmp_path / "b" / "train_log.jsonl").read_text().splitlines()
+    strip = [{k: v for k, v in json.loads(line).items() if k != "seconds"} for line in log_a]
+    assert strip == [{k: v for k, v in json.loads(line).items() if k != "seconds"} for line in log_b]
+
+
+def test_resume_refuses_other_settings(tmp_path: Path, capsys) -> None:
+    run("train", "--out", str(tmp_path / "r"), *TINY, "--max-steps", "2")
+    assert main(["train", "--out", str(tmp_path / "r"), *TINY, "--max-steps", "4", "--resume"]) == 2
+    assert "max_steps" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def trained_orchmoe(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("export") / "r"
+    run("train", "--out", str(out), *TINY, "--max-steps", "6", "--lr", "0.02")
+    return out
+
+
+@pytest.mark.parametrize("how", [["--abstract-task", "1"], ["--prompt", "Input: 3 + 4\nOutput:"], ["--task", "x"]])
+def test_export_equals_orchmoe_for_that_routing(trained_orchmoe: Path, tmp_path: Path, how: list[str]) -> None:
+    if how[0] == "--task":
+        how = ["--task", "suite003_reverse_word"]
+    run("export", str(trained_orchmoe), "--out", str(tmp_path / "lora"), *how)
+    config = json.loads((tmp_path / "lora" / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and config["r"] == 16
+    weights = [float(x) for x in (tmp_path / "lora" / "routing.txt").read_text().split("[")[1].split("]")[0].split(",")]
+    task_weights = torch.tensor([weights])
+
+    _, _, orchmoe_model = load_trained(trained_orchmoe)
+    lora_model = PeftModel.from_pretrained(tiny_model("tiny-gemma3", vocab_size=VOCAB - 24), tmp_path / "lora")
+    ids = torch.randint(4, VOCAB - 24, (3, 11))
+    with torch.no_grad():
+        expected = orchmoe_model(input_ids=ids, task_weights=task_weights.expand(3, -1)).logits
+        got = lora_model.eval()(input_ids=ids).logits
+        merged = lora_model.merge_and_unload()(input_ids=ids).logits
+    assert not torch.allclose(expected, tiny_model("tiny-gemma3", vocab_size=VOCAB - 24)(input_ids=ids).logits)
+    assert torch.allclose(got, expected, atol=1e-5)
+    assert torch.allclose(merged, expected, atol=1e-5)
+
+
+def test_export_rejects_other_methods_and_unknown_tasks(tmp_path: Path, trained_orchmoe: Path, capsys) -> None:
+    assert main(["export", str(trained_orchmoe), "--out", str(tmp_path / "x"), "--task", "nope"]) == 2
+    assert "not among this run's tasks" in capsys.readouterr().err
+    assert main(["export", str(trained_orchmoe), "--out", str(tmp_path / "y"), "--abstract-task", "9"]) == 2
+    assert "--abstract-task must be in [0, 3]" in capsys.readouterr().err
