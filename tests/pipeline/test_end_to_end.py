@@ -62,7 +62,8 @@ def test_existing_output_is_not_clobbered(tmp_path: Path, capsys) -> None:
 
 @pytest.mark.parametrize("method", ["orchmoe", "poly"])
 def test_resume_from_a_checkpoint_gives_the_uninterrupted_adapter(tmp_path: Path, method: str) -> None:
-    args = [*TINY, "--method", method, "--epochs", "3", "--max-steps", "6", "--checkpoint-every", "3", "--grad-accum", "2"]
+    args = [*TINY, "--method", method, "--epochs", "3", "--max-steps", "6", "--checkpoint-every", "3"]
+    args += ["--grad-accum", "2"]
     run("train", "--out", str(tmp_path / "a"), *args)
     run("train", "--out", str(tmp_path / "b"), *args)
     # simulate a run that died after its step-3 checkpoint: only the checkpoint survives
