@@ -41,19 +41,24 @@ def test_normalize_answer() -> None:
 
 
 @pytest.mark.parametrize(
-    ("assigned", "purity", "nmi", "used"),
+    ("assigned", "purity", "consistency", "nmi", "used"),
     [
-        ([0, 0, 1, 1, 2, 2], 1.0, 1.0, 3),
-        ([2, 2, 0, 0, 1, 1], 1.0, 1.0, 3),  # labels of abstract tasks do not matter
-        ([0, 0, 0, 0, 0, 0], 1 / 3, 0.0, 1),  # collapse
-        ([0, 0, 0, 0, 1, 1], 2 / 3, None, 2),
+        ([0, 0, 1, 1, 2, 2], 1.0, 1.0, 1.0, 3),
+        ([2, 2, 0, 0, 1, 1], 1.0, 1.0, 1.0, 3),  # labels of abstract tasks do not matter
+        ([0, 0, 0, 0, 0, 0], 1 / 3, 1.0, 0.0, 1),  # collapse: consistent but useless
+        ([0, 0, 0, 0, 1, 1], 2 / 3, 1.0, None, 2),  # two tasks share an abstract task
+        ([0, 1, 0, 1, 2, 2], 2 / 3, 2 / 3, None, 3),
     ],
 )
-def test_routing_agreement(assigned: list[int], purity: float, nmi: float | None, used: int) -> None:
+def test_routing_agreement(
+    assigned: list[int], purity: float, consistency: float, nmi: float | None, used: int
+) -> None:
     weights = np.eye(3)[assigned] * 0.5 + 0.1
     got = routing_agreement(weights, list("aabbcc"))
     assert got["purity"] == pytest.approx(purity)
+    assert got["consistency"] == pytest.approx(consistency)
     assert got["abstract_tasks_used"] == used and got["collapsed"] == (used == 1)
+    assert routing_agreement(weights[:2], ["a", "a"])["nmi"] is None  # a single true task: undefined
     if nmi is not None:
         assert got["nmi"] == pytest.approx(nmi, abs=1e-9)
     else:

@@ -70,8 +70,10 @@ def routing_agreement(task_weights: np.ndarray, true_tasks: Sequence[str]) -> di
     """Purity and NMI of the argmax abstract task against the true task, and how many abstract tasks are used.
 
     purity = (1/N) sum_over_abstract_tasks max_over_true_tasks |overlap|: 1 when every abstract task holds a single
-    true task. NMI (arithmetic normalisation) is 1 for a perfect one-to-one match and 0 for an unrelated assignment;
-    it is None (undefined) when the examples come from a single true task.
+    true task (at most T/K with T abstract tasks for K equal-sized true tasks). consistency (inverse purity) = (1/N)
+    sum_over_true_tasks max_over_abstract_tasks |overlap|: 1 when every true task is routed to one abstract task.
+    NMI (arithmetic normalisation) is 1 for a perfect one-to-one match and 0 for an unrelated assignment; it is None
+    (undefined) when the examples come from a single true task.
     """
     weights = np.asarray(task_weights)
     if weights.ndim != 2 or weights.shape[0] != len(true_tasks) or not len(true_tasks):
@@ -80,6 +82,7 @@ def routing_agreement(task_weights: np.ndarray, true_tasks: Sequence[str]) -> di
     table = contingency_matrix(list(true_tasks), assigned)  # (true tasks, abstract tasks used)
     return {
         "purity": float(table.max(axis=0).sum() / table.sum()),
+        "consistency": float(table.max(axis=1).sum() / table.sum()),
         "nmi": float(normalized_mutual_info_score(list(true_tasks), assigned)) if len(set(true_tasks)) > 1 else None,
         "abstract_tasks_used": len(np.unique(assigned)),
         "collapsed": bool(len(np.unique(assigned)) == 1),

@@ -118,7 +118,8 @@ def _markdown(cfg: RunConfig, results: dict[str, Any], figures: list[str], secon
             routing = results["orchmoe"].get(name, {}).get("routing")
             if routing:
                 lines.append(
-                    f"OrchMoE routing on {name} test prompts: purity {routing['purity']:.2f}, "
+                    f"OrchMoE routing on {name} test prompts: purity {routing['purity']:.2f}, consistency "
+                    f"{routing['consistency']:.2f}, "
                     f"NMI {_fmt(routing['nmi'])}, {routing['abstract_tasks_used']} of {cfg.n_abstract_tasks} abstract "
                     "tasks used."
                 )
