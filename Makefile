@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: test lint install clean
+.PHONY: test lint install compare clean
 
 $(BIN)/activate:
 	$(PYTHON) -m venv $(VENV)
@@ -19,6 +19,10 @@ install: $(VENV)/.installed
 lint: install
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/ruff format --check src tests benchmarks
+
+# the README's main job: OrchMoE, LoRA, Poly and MHR on the built-in suite with the default model
+compare: install
+	$(BIN)/orchmoe compare $(ARGS)
 
 test: install lint
 	$(BIN)/python -m pytest -q tests

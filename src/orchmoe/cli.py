@@ -116,7 +116,8 @@ def main(argv: list[str] | None = None) -> int:
                               prompt=args.prompt, overwrite=args.overwrite)  # fmt: skip
             print(f"wrote a PEFT LoRA adapter to {path}")
     except (ValueError, FileNotFoundError, RuntimeError) as err:
-        print(f"orchmoe {args.command}: error: {err}", file=sys.stderr)
+        message = " ".join(str(err).split())  # one line, whatever the library wrote
+        print(f"orchmoe {args.command}: error: {message}", file=sys.stderr)
         return 2
     return 0
 

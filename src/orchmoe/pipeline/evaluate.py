@@ -32,7 +32,10 @@ def load_trained(run: Path):
     if not (adapter / "adapter_config.json").is_file():
         raise FileNotFoundError(f"{run}: no trained adapter in {adapter}; train first (or --resume the run).")
     loaded = load_model(cfg.model, seed=cfg.seed)
-    model = PeftModel.from_pretrained(loaded.model, adapter).eval()
+    try:
+        model = PeftModel.from_pretrained(loaded.model, adapter).eval()
+    except (ValueError, RuntimeError, KeyError) as err:
+        raise ValueError(f"{adapter}: cannot load this adapter into base model {cfg.model!r}: {err}") from err
     return cfg, loaded, model
 
 

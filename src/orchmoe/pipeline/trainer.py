@@ -72,7 +72,7 @@ def total_steps(cfg: RunConfig, n_examples: int) -> int:
 
 
 def lm_loss(model: torch.nn.Module, batch: dict[str, Any], kwargs: dict[str, Any], is_encoder_decoder: bool):
-    """Mean cross-entropy over the target tokens of the batch."""
+    """Summed cross-entropy over the target tokens of the batch, and their number."""
     labels = batch["labels"]
     if is_encoder_decoder:
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -82,7 +82,8 @@ def lm_loss(model: torch.nn.Module, batch: dict[str, Any], kwargs: dict[str, Any
         width = int(batch["target_width"])
         logits = model(**kwargs, logits_to_keep=width + 1).logits[:, :-1]  # (B, T_tgt, V): target columns only
         labels = labels[:, -width:]
-    return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX)
+    loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
+    return loss, (labels != IGNORE_INDEX).sum()
 
 
 @dataclass
@@ -104,6 +105,7 @@ def train(cfg: RunConfig, out: Path, resume: bool = False, overwrite: bool = Fal
     """Train ``cfg.method`` and save the adapter in ``out/adapter``; returns a :class:`TrainResult`."""
     out = Path(out)
     accelerator = Accelerator(
+        cpu=not torch.accelerator.is_available(),  # data-parallel on CPUs (gloo) needs this said explicitly
         gradient_accumulation_steps=cfg.grad_accum,
         log_with=_trackers(),
         project_dir=str(out),
@@ -196,7 +198,11 @@ def train(cfg: RunConfig, out: Path, resume: bool = False, overwrite: bool = Fal
             sync = k == cfg.grad_accum - 1
             with nullcontext() if sync else accelerator.no_sync(model):
                 kwargs = model_inputs(batch, cfg.method, task_index, len(task_index))
-                loss = lm_loss(model, batch, kwargs, loaded.is_encoder_decoder)
+                loss_sum, n_tokens = lm_loss(model, batch, kwargs, loaded.is_encoder_decoder)
+                # mean over the target tokens of the whole global micro-batch: data-parallel gradients (averaged
+                # over processes) then equal single-process ones
+                global_tokens = accelerator.reduce(n_tokens.to(accelerator.device), "sum").clamp(min=1)
+                loss = loss_sum * accelerator.num_processes / global_tokens
                 aux = torch.zeros(())
                 if cfg.method == "orchmoe":
                     tuner = get_tuner(unwrapped)
@@ -208,14 +214,10 @@ def train(cfg: RunConfig, out: Path, resume: bool = False, overwrite: bool = Fal
                     skipped = True  # every process skips together
                     continue
                 accelerator.backward(total / cfg.grad_accum)
-            window.append((loss.item(), aux.item()))
+            window.append((accelerator.reduce(loss.detach(), "mean").item(), aux.item()))
         if skipped:
             bad_streak += 1
             optimizer.zero_grad()
-            if bad_streak >= cfg.nan_patience:
-                raise TrainingDiverged(
-                    f"Loss was NaN/inf for {bad_streak} consecutive steps (up to step {step}); lower --lr."
-                )
         else:
             bad_streak = 0
             if cfg.max_grad_norm > 0:
@@ -235,6 +237,10 @@ def train(cfg: RunConfig, out: Path, resume: bool = False, overwrite: bool = Fal
                     f.write(json.dumps(entry) + "\n")
                 if entry.get("router_collapsed") and not any(e.get("router_collapsed") for e in log[:-1]):
                     tqdm.write(f"warning: step {step}: the Task Router sends every example to one abstract task")
+        if bad_streak >= cfg.nan_patience:  # after the skipped step is logged
+            raise TrainingDiverged(
+                f"Loss was NaN/inf for {bad_streak} consecutive steps (up to step {step}); lower --lr."
+            )
         if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < steps:
             accelerator.wait_for_everyone()
             if main:

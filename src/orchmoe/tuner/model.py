@@ -199,10 +199,10 @@ class OrchMoEModel(BaseTuner):
                 f"`task_weights` must have shape (batch, n_tasks={self.peft_config[self._adapter].n_tasks}), got "
                 f"{tuple(task_weights.shape)}."
             )
-        per_example, marginal = routing_entropies(task_weights.detach())
+        per_example, marginal = routing_entropies(task_weights.detach(), global_batch=self.training)
         self.routing_state = RoutingState(
             task_weights=task_weights,
-            mi_loss=mutual_information_loss(task_weights),
+            mi_loss=mutual_information_loss(task_weights, global_batch=self.training),
             entropy_per_example=per_example.item(),
             entropy_marginal=marginal.item(),
         )

@@ -8,12 +8,25 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .config import OrchMoEConfig
 
 EPS = 1e-9
+
+
+def gather_batch(x: torch.Tensor) -> torch.Tensor:
+    """The global batch under data parallelism (differentiable all_gather, as SyncBatchNorm does); else ``x``.
+
+    Batch statistics of the Task Router (centring, the MI marginal) are then those of the global batch, so a
+    data-parallel run trains as the single-process run with the same global batch would.
+    """
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        from torch.distributed.nn.functional import all_gather
+
+        return torch.cat(all_gather(x.contiguous()), dim=0)  # (B_global, ...)
+    return x
 
 
 class TaskRouter(nn.Module):
@@ -65,18 +78,18 @@ class TaskRouter(nn.Module):
             return embeds.new_full((embeds.shape[0], self.proj.out_features), 1.0 / self.proj.out_features).float()
         pooled = self.pool(embeds, mask)  # (B, d)
         if isinstance(self.norm, nn.BatchNorm1d):
-            use_batch_stats = self.training and not deterministic and pooled.shape[0] > 1
             norm = self.norm
-            pooled = F.batch_norm(
-                pooled,
-                norm.running_mean,
-                norm.running_var,
-                training=use_batch_stats,
-                momentum=norm.momentum if use_batch_stats else 0.0,
-                eps=norm.eps,
-            )  # (B, d)
-            if use_batch_stats and norm.num_batches_tracked is not None:
-                norm.num_batches_tracked.add_(1)
+            batch = gather_batch(pooled) if self.training and not deterministic else pooled  # (B_global, d)
+            if self.training and not deterministic and batch.shape[0] > 1:
+                mean, var = batch.mean(dim=0), batch.var(dim=0, unbiased=False)  # (d,), (d,)
+                with torch.no_grad():
+                    n = batch.shape[0]
+                    norm.running_mean.lerp_(mean.detach(), norm.momentum)
+                    norm.running_var.lerp_(var.detach() * n / (n - 1), norm.momentum)
+                    norm.num_batches_tracked.add_(1)
+            else:  # eval, or a batch of one: running statistics
+                mean, var = norm.running_mean, norm.running_var
+            pooled = (pooled - mean) / torch.sqrt(var + norm.eps)  # (B, d)
         else:
             pooled = self.norm(pooled)  # (B, d)
         return self.proj(pooled).softmax(dim=-1)  # (B, T)
@@ -135,16 +148,18 @@ def entropy(p: torch.Tensor) -> torch.Tensor:
     return -(p * (p + EPS).log()).sum(dim=-1)
 
 
-def routing_entropies(task_weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(mean_b H(w_b), H(mean_b w)) of a batch of abstract-task weights (B, T)."""
-    return entropy(task_weights).mean(), entropy(task_weights.mean(dim=0))
+def routing_entropies(task_weights: torch.Tensor, global_batch: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean_b H(w_b), H(mean_b w)) of a batch of abstract-task weights (B, T); with ``global_batch`` the marginal
+    is over the global batch under data parallelism (training only: every process must take part)."""
+    batch = gather_batch(task_weights) if global_batch else task_weights
+    return entropy(task_weights).mean(), entropy(batch.mean(dim=0))
 
 
-def mutual_information_loss(task_weights: torch.Tensor) -> torch.Tensor:
+def mutual_information_loss(task_weights: torch.Tensor, global_batch: bool = False) -> torch.Tensor:
     """mean_b H(w_b) - H(mean_b w): minus the mutual information between example and abstract task.
 
     Minimising it makes each example's routing confident and the batch's use of abstract tasks balanced (as
     microsoft/mttl's MI loss plugins do).
     """
-    per_example, marginal = routing_entropies(task_weights)
+    per_example, marginal = routing_entropies(task_weights, global_batch)
     return per_example - marginal
