@@ -70,9 +70,14 @@ class OrchMoELayer(BaseTunerLayer):
             nn.init.kaiming_uniform_(self.orchmoe_B[adapter_name], a=math.sqrt(5))
 
     def skill_delta(self, adapter_name: str, x: torch.Tensor, skill_weights: torch.Tensor) -> torch.Tensor:
-        """scaling * sum_j alpha_j B_j A_j x for x (B, *, in) and alpha (B', S) with B a multiple of B'."""
+        """scaling * sum_j alpha_j B_j A_j x for x (B, *, in) and alpha (B', S) with B a multiple of B'.
+
+        ``skill_weights`` may also come already expanded to the diagonal repeat(alpha, r): (B', S*r).
+        """
         a, b = self.orchmoe_A[adapter_name], self.orchmoe_B[adapter_name]
         r = self.r[adapter_name]
+        if skill_weights.shape[-1] != a.shape[0]:
+            skill_weights = skill_weights.repeat_interleave(r, dim=-1)  # (B', S*r)
         batch = x.shape[0]
         if skill_weights.shape[0] != batch:
             if batch % skill_weights.shape[0]:
@@ -82,8 +87,7 @@ class OrchMoELayer(BaseTunerLayer):
                 )
             # generate() expands each example for beams / num_return_sequences with repeat_interleave.
             skill_weights = skill_weights.repeat_interleave(batch // skill_weights.shape[0], dim=0)
-        diag = skill_weights.to(a.dtype).repeat_interleave(r, dim=-1)  # (B, S*r)
-        diag = diag.view(batch, *([1] * (x.dim() - 2)), diag.shape[-1])  # (B, 1.., S*r)
+        diag = skill_weights.to(a.dtype).view(batch, *([1] * (x.dim() - 2)), a.shape[0])  # (B, 1.., S*r)
         u = F.linear(self.orchmoe_dropout[adapter_name](x.to(a.dtype)), a)  # (B, T_seq, S*r)
         return F.linear(u * diag, b) * self.scaling[adapter_name]  # (B, T_seq, out)
 

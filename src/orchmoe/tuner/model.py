@@ -22,7 +22,7 @@ from torch import nn
 
 from .config import OrchMoEConfig
 from .layer import Linear, OrchMoELayer
-from .router import SkillRouter, TaskRouter, mutual_information_loss, routing_entropies
+from .router import SkillRouter, TaskRouter, mutual_information_loss, relax, routing_entropies
 
 
 @dataclass
@@ -151,16 +151,26 @@ class OrchMoEModel(BaseTuner):
         return self.orchmoe_task_router[self._adapter](embeds, mask, deterministic=deterministic)  # (B, T)
 
     def skill_weights(self, task_weights: torch.Tensor, stochastic: bool) -> dict[str, torch.Tensor]:
-        """Per-module skill weights alpha (B, S) for abstract-task weights w (B, T)."""
+        """Per-module skill weights alpha (B, S) for abstract-task weights w (B, T).
+
+        All modules' allocations are relaxed in one vectorised call: z (M, T, S), alpha = S * w z (M, B, S).
+        """
         adapter = self._adapter
         if adapter in self.orchmoe_shared_skill_router:
             alpha = self.orchmoe_shared_skill_router[adapter](task_weights, stochastic)  # (B, S)
             return {name: alpha for name, _ in self.orchmoe_layers()}
-        return {
-            name: layer.orchmoe_skill_router[adapter](task_weights, stochastic)  # (B, S)
+        routers = {
+            name: layer.orchmoe_skill_router[adapter]
             for name, layer in self.orchmoe_layers()
             if adapter in layer.orchmoe_skill_router
         }
+        if not routers:
+            return {}
+        first = next(iter(routers.values()))
+        logits = torch.stack([r.logits for r in routers.values()])  # (M, T, S)
+        z = relax(logits, first.relaxation, first.temperature, stochastic, first.uniform)  # (M, T, S)
+        alpha = first.scale * torch.einsum("bt,mts->mbs", task_weights.float(), z)  # (M, B, S)
+        return dict(zip(routers, alpha.unbind(0), strict=True))
 
     def routing(
         self,
@@ -207,10 +217,12 @@ class OrchMoEModel(BaseTuner):
             entropy_marginal=marginal.item(),
         )
         alphas = self.skill_weights(task_weights, stochastic=self.training)
+        adapter = self._adapter
         handles = []
         try:
             for name, alpha in alphas.items():
-                hook = partial(self._inject_skill_weights, skill_weights=alpha)
+                diag = alpha.repeat_interleave(layers[name].r[adapter], dim=-1)  # (B, S*r), once per call
+                hook = partial(self._inject_skill_weights, skill_weights=diag)
                 handles.append(layers[name].register_forward_pre_hook(hook, with_kwargs=True))
             yield
         finally:

@@ -95,6 +95,24 @@ class TaskRouter(nn.Module):
         return self.proj(pooled).softmax(dim=-1)  # (B, T)
 
 
+def relax(logits: torch.Tensor, relaxation: str, temperature: float, stochastic: bool, uniform: bool = False):
+    """Relaxed task-skill allocation of logits Z (..., T, S): rows sum to 1. Vectorised over leading dims, so all
+    modules' allocations are one call."""
+    logits = logits.float()  # (..., T, S)
+    if uniform:  # ablation: no Skill Router
+        return torch.full_like(logits, 1.0 / logits.shape[-1])
+    if relaxation == "gumbel_softmax":
+        if stochastic:
+            u = torch.rand_like(logits).clamp(EPS, 1.0 - EPS)
+            logits = logits - torch.log(-torch.log(u))  # + Gumbel(0, 1)
+        return (logits / temperature).softmax(dim=-1)  # (..., T, S)
+    if stochastic:
+        u = torch.rand_like(logits).clamp(EPS, 1.0 - EPS)
+        logits = logits + torch.log(u) - torch.log1p(-u)  # + Logistic(0, 1)
+    probs = torch.sigmoid(logits / temperature)  # (..., T, S)
+    return probs / (probs.sum(dim=-1, keepdim=True) + EPS)
+
+
 class SkillRouter(nn.Module):
     """Task-Skill Allocation: a learnable matrix Z (T x S), relaxed with Gumbel noise while training.
 
@@ -123,19 +141,7 @@ class SkillRouter(nn.Module):
 
     def allocation(self, stochastic: bool) -> torch.Tensor:
         """The relaxed allocation z: each abstract task's row sums to 1: (T, S)."""
-        logits = self.logits.float()  # (T, S)
-        if self.uniform:  # ablation: no Skill Router
-            return torch.full_like(logits, 1.0 / logits.shape[-1])
-        if self.relaxation == "gumbel_softmax":
-            if stochastic:
-                u = torch.rand_like(logits).clamp(EPS, 1.0 - EPS)
-                logits = logits - torch.log(-torch.log(u))  # + Gumbel(0, 1)
-            return (logits / self.temperature).softmax(dim=-1)  # (T, S)
-        if stochastic:
-            u = torch.rand_like(logits).clamp(EPS, 1.0 - EPS)
-            logits = logits + torch.log(u) - torch.log1p(-u)  # + Logistic(0, 1)
-        probs = torch.sigmoid(logits / self.temperature)  # (T, S)
-        return probs / (probs.sum(dim=-1, keepdim=True) + EPS)
+        return relax(self.logits, self.relaxation, self.temperature, stochastic, self.uniform)
 
     def forward(self, task_weights: torch.Tensor, stochastic: bool) -> torch.Tensor:
         """Per-example skill weights alpha from abstract-task weights w: (B, T) -> (B, S)."""

@@ -1,0 +1,131 @@
+"""Quality on Super-NaturalInstructions: OrchMoE vs LoRA, Poly and MHR at parity, several seeds, ablations.
+
+    python benchmarks/quality.py --data-dir ../shared/sni               # everything (hours on a 2-core CPU)
+    python benchmarks/quality.py --data-dir ../shared/sni --parts sni-10 --seeds 0
+
+Parts: ``sni-10`` (10 random training tasks), ``sni-many`` (as many training tasks as the split holds, at most
+100), ``ablations`` (OrchMoE variants on sni-10, seed 0), ``samples`` (ROUGE-L against training instances per task).
+Every run also evaluates the split's test tasks (never trained on) as the unseen set. Each finished run is kept under
+``--out`` and skipped when the script is run again, so an interrupted benchmark resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import statistics
+from pathlib import Path
+from typing import Any
+
+from orchmoe.pipeline.common import prepare_run_dir
+from orchmoe.pipeline.config import PRESETS, RunConfig
+from orchmoe.pipeline.evaluate import METRICS, evaluate_run
+from orchmoe.pipeline.trainer import train
+
+METHODS = ("orchmoe", "lora", "poly", "mhr")
+ABLATIONS = {
+    "orchmoe": {},
+    "no task router (uniform w)": {"uniform_task_router": True},
+    "no skill router (uniform z)": {"uniform_skill_router": True},
+    "gumbel-sigmoid": {"skill_relaxation": "gumbel_sigmoid"},
+    "tau 0.5": {"temperature": 0.5},
+    "tau 2.0": {"temperature": 2.0},
+}
+KEYS = ("rouge1", "rougeL", "rougeLsum", "exact_match")
+
+
+def run_one(cfg: RunConfig, out: Path) -> dict[str, Any]:
+    """Train + evaluate once; reuse a finished run."""
+    if not (out / METRICS).is_file():
+        prepare_run_dir(out, overwrite=True, resume=False)
+        train(cfg, out, overwrite=True, progress=False)
+        evaluate_run(out, progress=False)
+    return json.loads((out / METRICS).read_text())
+
+
+def mean_std(values: list[float]) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.2f}"
+    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
+
+
+def table(rows: dict[str, list[dict[str, Any]]], sets: tuple[str, ...] = ("seen", "unseen")) -> str:
+    head = "| method | " + " | ".join(f"{s} {k}" for s in sets for k in ("R-1", "R-L", "R-Lsum", "EM")) + " |"
+    lines = [head, "|" + "---|" * (1 + 4 * len(sets))]
+    for name, results in rows.items():
+        cells = [mean_std([r[s]["macro"][k] for r in results]) for s in sets for k in KEYS]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data-dir", required=True, type=Path)
+    parser.add_argument("--model", default="gemma3-270m")
+    parser.add_argument("--out", type=Path, default=Path("runs/quality"))
+    parser.add_argument("--parts", nargs="+", default=["sni-10", "sni-many", "ablations", "samples"])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--methods", nargs="+", default=list(METHODS))
+    parser.add_argument("--n-train", type=int, default=16, help="training instances per task (sni-10)")
+    parser.add_argument("--n-test", type=int, default=5, help="test instances per task")
+    parser.add_argument("--many-tasks", type=int, default=100)
+    parser.add_argument("--many-train", type=int, default=2, help="training instances per task (sni-many)")
+    parser.add_argument("--samples", type=int, nargs="+", default=[8, 16, 32])
+    parser.add_argument("--epochs", type=float, default=2.0)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--max-input-tokens", type=int, default=192)
+    parser.add_argument("--max-target-tokens", type=int, default=24)
+    parser.add_argument("--max-new-tokens", type=int, default=24)
+    args = parser.parse_args()
+
+    base = RunConfig(
+        model=args.model, data_dir=str(args.data_dir), n_test=args.n_test, epochs=args.epochs, lr=args.lr,
+        max_input_tokens=args.max_input_tokens, max_target_tokens=args.max_target_tokens,
+        max_new_tokens=args.max_new_tokens, n_unseen=12,
+    )  # fmt: skip
+    report: dict[str, Any] = {"config": dataclasses.asdict(base), "args": {k: str(v) for k, v in vars(args).items()}}
+    markdown = []
+    settings = {
+        "sni-10": {**PRESETS["sni-10"], "n_train": args.n_train, "n_test": args.n_test},
+        "sni-many": {"n_tasks": args.many_tasks, "n_train": args.many_train, "n_test": args.n_test},
+    }
+    for part in ("sni-10", "sni-many"):
+        if part not in args.parts:
+            continue
+        rows: dict[str, list[dict[str, Any]]] = {}
+        for method in args.methods:
+            for seed in args.seeds:
+                cfg = dataclasses.replace(base, method=method, seed=seed, **settings[part])
+                cfg.max_input_tokens = args.max_input_tokens
+                result = run_one(cfg, args.out / part / f"{method}-seed{seed}")
+                rows.setdefault(method, []).append(result)
+                print(f"{part} {method} seed {seed}: seen R-L {result['seen']['macro']['rougeL']:.2f}, unseen R-L "
+                      f"{result['unseen']['macro']['rougeL']:.2f}", flush=True)  # fmt: skip
+        report[part] = {m: [{s: r[s]["macro"] for s in ("seen", "unseen")} for r in rs] for m, rs in rows.items()}
+        markdown += [f"## {part} ({len(args.seeds)} seeds, mean ± std)", "", table(rows), ""]
+    if "ablations" in args.parts:
+        rows = {}
+        for name, change in ABLATIONS.items():
+            cfg = dataclasses.replace(base, method="orchmoe", seed=args.seeds[0], **settings["sni-10"], **change)
+            slug = name.replace(" ", "-").replace("(", "").replace(")", "")
+            rows[name] = [run_one(cfg, args.out / "ablations" / slug)]
+        report["ablations"] = {n: {s: rs[0][s]["macro"] for s in ("seen", "unseen")} for n, rs in rows.items()}
+        markdown += [f"## Ablations on sni-10 (seed {args.seeds[0]})", "", table(rows), ""]
+    if "samples" in args.parts:
+        rows = {}
+        for method in ("orchmoe", "lora"):
+            for n in args.samples:
+                setting = {**settings["sni-10"], "n_train": n}
+                cfg = dataclasses.replace(base, method=method, seed=args.seeds[0], **setting)
+                rows[f"{method}, {n} per task"] = [run_one(cfg, args.out / "samples" / f"{method}-{n}")]
+        report["samples"] = {n: rs[0]["seen"]["macro"]["rougeL"] for n, rs in rows.items()}
+        markdown += ["## Sample efficiency on sni-10 (seen R-L)", "", table(rows, ("seen",)), ""]
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "quality.json").write_text(json.dumps(report, indent=1))
+    (args.out / "quality.md").write_text("\n".join(markdown))
+    print("\n".join(markdown))
+
+
+if __name__ == "__main__":
+    main()

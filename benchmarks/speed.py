@@ -1,0 +1,248 @@
+"""Speed and memory of OrchMoE against LoRA, Poly and MHR at parameter parity, side by side in one process.
+
+    python benchmarks/speed.py                       # default model (Gemma 3 270M), ends with a RESULT line
+    python benchmarks/speed.py --model tiny-gemma3   # seconds
+
+Every method wraps a deep copy of the same base model and sees the same batch. Each repeat times every method once,
+in an order that alternates between repeats, so drift of a noisy machine hits all methods alike; the figures are
+medians over repeats after warm-up. Reported per method:
+
+- train step: forward + backward + AdamW step, loss on the target columns only (as the trainer computes it);
+- memory: on a GPU the peak allocated memory of a training step; on the CPU the bytes of the tensors saved for
+  backward plus trainable parameters, their gradients and AdamW state (the part that differs between methods);
+- prefill latency and per-token decode latency of greedy generation with the KV cache, batch 1 and batch 8;
+- the frozen base model, the floor no adapter can beat (forward only for the training step).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from orchmoe.models import load_model
+from orchmoe.pipeline.config import RunConfig
+from orchmoe.pipeline.methods import build, count_parameters
+
+METHODS = ("base", "lora", "orchmoe", "poly", "mhr")
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn: Callable[[], object], device: torch.device) -> float:
+    sync(device)
+    start = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - start
+
+
+def make_batch(vocab: int, batch: int, prompt: int, target: int, device: torch.device) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(10, min(vocab, 30000), (batch, prompt + target), generator=g).to(device)
+    routing = torch.zeros_like(ids)
+    routing[:, :prompt] = 1
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "routing_mask": routing}
+
+
+def extra_inputs(method: str, batch: dict[str, torch.Tensor], prompt_only: bool = False) -> dict[str, torch.Tensor]:
+    n = batch["input_ids"].shape[0]
+    if method == "orchmoe" and not prompt_only:
+        return {"routing_mask": batch["routing_mask"]}
+    if method in ("poly", "mhr"):
+        return {"task_ids": torch.arange(n, device=batch["input_ids"].device) % 10}
+    return {}
+
+
+class Bench:
+    def __init__(self, method: str, model: torch.nn.Module, batch: dict[str, torch.Tensor], target: int) -> None:
+        self.method, self.model, self.batch, self.target = method, model, batch, target
+        params = [p for p in model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(params, lr=1e-5) if params else None
+
+    def loss(self) -> torch.Tensor:
+        b = self.batch
+        out = self.model(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
+                         logits_to_keep=self.target + 1, **extra_inputs(self.method, b))  # fmt: skip
+        logits = out.logits[:, :-1].float()
+        return F.cross_entropy(logits.flatten(0, 1), b["input_ids"][:, -self.target :].flatten())
+
+    def train_step(self) -> None:
+        if self.optimizer is None:  # the frozen base: forward only
+            with torch.no_grad():
+                self.loss()
+            return
+        self.model.train()
+        self.loss().backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def train_memory(self, device: torch.device) -> int:
+        """Bytes: GPU peak of one step, or (CPU) saved-for-backward tensors + params, grads and AdamW state."""
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+            self.train_step()
+            return torch.cuda.max_memory_allocated() - base
+        saved = 0
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            nonlocal saved
+            saved += t.numel() * t.element_size()
+            return t
+
+        self.model.train()
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss = self.loss()
+        if self.optimizer is not None:
+            loss.backward()
+            self.optimizer.zero_grad(set_to_none=True)
+        trainable = sum(p.numel() * p.element_size() for p in self.model.parameters() if p.requires_grad)
+        return saved + 4 * trainable  # params, grads, exp_avg, exp_avg_sq
+
+    @torch.no_grad()
+    def generate(self, batch_size: int, new_tokens: int, prompt: int) -> None:
+        self.model.eval()
+        ids = self.batch["input_ids"][:batch_size, :prompt]
+        b = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+        self.model.generate(**b, **extra_inputs(self.method, b, prompt_only=True), max_new_tokens=new_tokens,
+                            min_new_tokens=new_tokens, do_sample=False, use_cache=True, pad_token_id=0)  # fmt: skip
+
+
+def build_all(model_name: str, cfg: RunConfig, methods: tuple[str, ...], device: torch.device, batch, target: int):
+    loaded = load_model(model_name)
+    base = loaded.model.to(device)
+    benches, params = {}, {}
+    for method in methods:
+        model = copy.deepcopy(base).requires_grad_(False)  # the base stays frozen; adapters bring their own params
+        if method != "base":
+            model = build(method, model, cfg, n_train_tasks=10)
+            params[method] = count_parameters(model).__dict__
+        benches[method] = Bench(method, model, batch, target)
+    return benches, params, loaded
+
+
+def measure(benches: dict[str, Bench], what: Callable[[Bench], None], repeats: int, warmup: int, device) -> dict:
+    order = list(benches)
+    times: dict[str, list[float]] = {m: [] for m in order}
+    for r in range(warmup + repeats):
+        for m in order if r % 2 == 0 else reversed(order):
+            t = timed(lambda b=benches[m]: what(b), device)
+            if r >= warmup:
+                times[m].append(t)
+    return {m: statistics.median(v) for m, v in times.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="gemma3-270m")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--prompt", type=int, default=64, help="prompt tokens")
+    parser.add_argument("--target", type=int, default=16, help="target tokens (training) ")
+    parser.add_argument("--new-tokens", type=int, default=16, help="generated tokens (decode)")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--skills", type=int, default=8)
+    parser.add_argument("--rank", type=int, default=2)
+    parser.add_argument("--abstract-tasks", type=int, default=4)
+    parser.add_argument("--sweep", action="store_true", help="also step time / memory against S and T")
+    parser.add_argument("--sweep-skills", type=int, nargs="+", default=[2, 4, 8, 16, 32, 64])
+    parser.add_argument("--sweep-tasks", type=int, nargs="+", default=[1, 4, 16, 64])
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/speed.json"))
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    device = torch.device(args.device)
+    cfg = RunConfig(model=args.model, n_skills=args.skills, rank=args.rank, n_abstract_tasks=args.abstract_tasks)
+    vocab_probe = load_model(args.model).model.config.vocab_size
+    batch = make_batch(vocab_probe, args.batch, args.prompt, args.target, device)
+    benches, params, _ = build_all(args.model, cfg, METHODS, device, batch, args.target)
+
+    report: dict = {"model": args.model, "device": str(device), "threads": torch.get_num_threads()}
+    report.update(batch=args.batch, prompt=args.prompt, target=args.target, parameters=params)
+    report["train_step_s"] = measure(benches, Bench.train_step, args.repeats, args.warmup, device)
+    report["train_memory_bytes"] = {m: b.train_memory(device) for m, b in benches.items()}
+    for bs in (1, 8):
+        one = measure(benches, lambda b, bs=bs: b.generate(bs, 1, args.prompt), args.repeats, args.warmup, device)
+        full = measure(benches, lambda b, bs=bs: b.generate(bs, args.new_tokens, args.prompt), args.repeats,
+                       args.warmup, device)  # fmt: skip
+        report[f"prefill_s_batch{bs}"] = one
+        report[f"decode_s_per_token_batch{bs}"] = {m: (full[m] - one[m]) / (args.new_tokens - 1) for m in full}
+
+    if args.sweep:
+        report["sweep"] = sweep(args, device, batch)
+
+    lora = report["train_step_s"]["lora"]
+    print(f"\n{'method':8} {'train step':>11} {'x LoRA':>7} {'memory MB':>10} {'x LoRA':>7} "
+          f"{'decode b1':>10} {'x LoRA':>7} {'decode b8':>10} {'x LoRA':>7}")  # fmt: skip
+    for m in benches:
+        t, mem = report["train_step_s"][m], report["train_memory_bytes"][m]
+        d1, d8 = report["decode_s_per_token_batch1"][m], report["decode_s_per_token_batch8"][m]
+        print(f"{m:8} {t:10.3f}s {t / lora:7.3f} {mem / 2**20:10.1f} {mem / report['train_memory_bytes']['lora']:7.3f} "
+              f"{d1 * 1e3:8.1f}ms {d1 / report['decode_s_per_token_batch1']['lora']:7.3f} {d8 * 1e3:8.1f}ms "
+              f"{d8 / report['decode_s_per_token_batch8']['lora']:7.3f}")  # fmt: skip
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=1))
+    train_ratio = report["train_step_s"]["orchmoe"] / lora
+    decode_ratio = report["decode_s_per_token_batch1"]["orchmoe"] / report["decode_s_per_token_batch1"]["lora"]
+    print(f"RESULT train_step_ratio={train_ratio:.3f} decode_ratio={decode_ratio:.3f}")
+
+
+def sweep(args: argparse.Namespace, device: torch.device, batch) -> dict:
+    """OrchMoE step time and memory against S (fixed r) and T (fixed S), LoRA of rank S*r alongside."""
+    results: dict = {"skills": {}, "tasks": {}}
+    for s in args.sweep_skills:
+        cfg = RunConfig(model=args.model, n_skills=s, rank=args.rank, n_abstract_tasks=args.abstract_tasks)
+        benches, _, _ = build_all(args.model, cfg, ("lora", "orchmoe"), device, batch, args.target)
+        times = measure(benches, Bench.train_step, max(2, args.repeats // 2), 1, device)
+        results["skills"][s] = {m: {"step_s": times[m], "memory_bytes": benches[m].train_memory(device)}
+                                for m in benches}  # fmt: skip
+        print(f"S={s}: " + ", ".join(f"{m} {v['step_s']:.3f}s" for m, v in results["skills"][s].items()))
+    for t in args.sweep_tasks:
+        cfg = RunConfig(model=args.model, n_skills=args.skills, rank=args.rank, n_abstract_tasks=t)
+        benches, _, _ = build_all(args.model, cfg, ("lora", "orchmoe"), device, batch, args.target)
+        times = measure(benches, Bench.train_step, max(2, args.repeats // 2), 1, device)
+        results["tasks"][t] = {m: {"step_s": times[m], "memory_bytes": benches[m].train_memory(device)}
+                               for m in benches}  # fmt: skip
+        print(f"T={t}: " + ", ".join(f"{m} {v['step_s']:.3f}s" for m, v in results["tasks"][t].items()))
+    plot_sweep(results, args.out.with_suffix(".png"))
+    return results
+
+
+def plot_sweep(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    for ax, key, label in ((axes[0], "skills", "skills S (rank r fixed; LoRA rank S*r)"),
+                           (axes[1], "tasks", "abstract tasks T (S fixed)")):  # fmt: skip
+        xs = sorted(results[key], key=int)
+        for m in ("lora", "orchmoe"):
+            ax.plot([int(x) for x in xs], [results[key][x][m]["step_s"] for x in xs], marker="o", label=f"{m} step")
+        ax2 = ax.twinx()
+        ax2.plot([int(x) for x in xs], [results[key][x]["orchmoe"]["memory_bytes"] / 2**20 for x in xs], "k--",
+                 label="orchmoe memory")  # fmt: skip
+        ax2.set_ylabel("memory (MB)")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel(label)
+        ax.set_ylabel("train step (s)")
+        ax.legend(loc="upper left", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()
