@@ -69,6 +69,7 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=list(METHODS))
     parser.add_argument("--n-train", type=int, default=16, help="training instances per task (sni-10)")
     parser.add_argument("--n-test", type=int, default=5, help="test instances per task")
+    parser.add_argument("--n-unseen", type=int, default=12, help="unseen tasks from the split's test list")
     parser.add_argument("--many-tasks", type=int, default=100)
     parser.add_argument("--many-train", type=int, default=2, help="training instances per task (sni-many)")
     parser.add_argument("--samples", type=int, nargs="+", default=[8, 16, 32])
@@ -82,13 +83,14 @@ def main() -> None:
     base = RunConfig(
         model=args.model, data_dir=str(args.data_dir), n_test=args.n_test, epochs=args.epochs, lr=args.lr,
         max_input_tokens=args.max_input_tokens, max_target_tokens=args.max_target_tokens,
-        max_new_tokens=args.max_new_tokens, n_unseen=12,
+        max_new_tokens=args.max_new_tokens, n_unseen=args.n_unseen,
     )  # fmt: skip
     report: dict[str, Any] = {"config": dataclasses.asdict(base), "args": {k: str(v) for k, v in vars(args).items()}}
     markdown = []
     settings = {
-        "sni-10": {**PRESETS["sni-10"], "n_train": args.n_train, "n_test": args.n_test},
-        "sni-many": {"n_tasks": args.many_tasks, "n_train": args.many_train, "n_test": args.n_test},
+        "sni-10": {**PRESETS["sni-10"], "n_train": args.n_train, "n_test": args.n_test, "n_unseen": args.n_unseen},
+        "sni-many": {"n_tasks": args.many_tasks, "n_train": args.many_train, "n_test": args.n_test,
+                     "n_unseen": args.n_unseen},
     }
     for part in ("sni-10", "sni-many"):
         if part not in args.parts:

@@ -179,9 +179,6 @@ def main() -> None:
         report[f"prefill_s_batch{bs}"] = one
         report[f"decode_s_per_token_batch{bs}"] = {m: (full[m] - one[m]) / (args.new_tokens - 1) for m in full}
 
-    if args.sweep:
-        report["sweep"] = sweep(args, device, batch)
-
     lora = report["train_step_s"]["lora"]
     print(f"\n{'method':8} {'train step':>11} {'x LoRA':>7} {'memory MB':>10} {'x LoRA':>7} "
           f"{'decode b1':>10} {'x LoRA':>7} {'decode b8':>10} {'x LoRA':>7}")  # fmt: skip
@@ -193,6 +190,9 @@ def main() -> None:
               f"{d8 / report['decode_s_per_token_batch8']['lora']:7.3f}")  # fmt: skip
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1))
+    if args.sweep:
+        report["sweep"] = sweep(args, device, batch)
+        args.out.write_text(json.dumps(report, indent=1))
     train_ratio = report["train_step_s"]["orchmoe"] / lora
     decode_ratio = report["decode_s_per_token_batch1"]["orchmoe"] / report["decode_s_per_token_batch1"]["lora"]
     print(f"RESULT train_step_ratio={train_ratio:.3f} decode_ratio={decode_ratio:.3f}")

@@ -155,3 +155,16 @@ def test_same_seed_same_everything_on_cpu(tmp_path: Path) -> None:
     run("train", "--out", str(tmp_path / "c"), *TINY, "--max-steps", "4", "--lr", "0.01", "--seed", "1")
     c = adapter(tmp_path / "c")
     assert not all(torch.equal(a[k], c[k]) for k in a)
+
+
+def test_router_collapse_is_detected_and_reported(tmp_path: Path, capsys) -> None:
+    """One task, no centring, no MI term: every prompt goes to one abstract task, and the log says so."""
+    args = [*TINY, "--tasks", "suite001_addition", "--router-norm", "none", "--router-mi-weight", "0",
+            "--max-steps", "4", "--log-every", "2"]  # fmt: skip
+    run("train", "--out", str(tmp_path / "r"), *args)
+    log = [json.loads(line) for line in (tmp_path / "r" / "train_log.jsonl").read_text().splitlines()]
+    assert all(e["router_collapsed"] and e["abstract_tasks_used"] == 1 for e in log)
+    assert capsys.readouterr().err.count("sends every example to one abstract task") == 1  # warned once
+    run("train", "--out", str(tmp_path / "ok"), *TINY, "--max-steps", "4", "--log-every", "2")
+    log = [json.loads(line) for line in (tmp_path / "ok" / "train_log.jsonl").read_text().splitlines()]
+    assert not any(e["router_collapsed"] for e in log)

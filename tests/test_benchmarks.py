@@ -1,0 +1,38 @@
+"""The benchmark scripts run end to end on a tiny model (their figures live in BENCHMARKS.md, not here)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from orchmoe.data import write_suite
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def script(name: str, *args: str) -> subprocess.CompletedProcess:
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / name), *args], capture_output=True, text=True,
+                          timeout=300, cwd=ROOT)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+def test_speed_benchmark_prints_its_result_line(tmp_path: Path) -> None:
+    out = tmp_path / "speed.json"
+    done = script("speed.py", "--model", "tiny-gemma3", "--repeats", "2", "--warmup", "1", "--out", str(out))
+    last = done.stdout.strip().splitlines()[-1]
+    assert last.startswith("RESULT train_step_ratio=") and "decode_ratio=" in last
+    report = json.loads(out.read_text())
+    assert set(report["train_step_s"]) == {"base", "lora", "orchmoe", "poly", "mhr"}
+    assert report["parameters"]["orchmoe"]["adapter"] == report["parameters"]["lora"]["adapter"]
+
+
+def test_quality_benchmark_on_the_builtin_suite(tmp_path: Path) -> None:
+    data = write_suite(tmp_path / "suite", seed=0, n_instances=12)
+    script("quality.py", "--data-dir", str(data), "--model", "tiny-gemma3", "--parts", "sni-10", "--seeds", "0", "1",
+           "--methods", "orchmoe", "lora", "--n-train", "2", "--n-test", "1", "--n-unseen", "2", "--epochs", "1",
+           "--max-new-tokens", "2", "--out", str(tmp_path / "q"))  # fmt: skip
+    table = (tmp_path / "q" / "quality.md").read_text()
+    assert "## sni-10 (2 seeds, mean ± std)" in table and "| orchmoe |" in table and "±" in table
