@@ -89,8 +89,12 @@ def main() -> None:
     markdown = []
     settings = {
         "sni-10": {**PRESETS["sni-10"], "n_train": args.n_train, "n_test": args.n_test, "n_unseen": args.n_unseen},
-        "sni-many": {"n_tasks": args.many_tasks, "n_train": args.many_train, "n_test": args.n_test,
-                     "n_unseen": args.n_unseen},
+        "sni-many": {
+            "n_tasks": args.many_tasks,
+            "n_train": args.many_train,
+            "n_test": args.n_test,
+            "n_unseen": args.n_unseen,
+        },
     }
     for part in ("sni-10", "sni-many"):
         if part not in args.parts:

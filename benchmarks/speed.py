@@ -8,8 +8,9 @@ in an order that alternates between repeats, so drift of a noisy machine hits al
 medians over repeats after warm-up. Reported per method:
 
 - train step: forward + backward + AdamW step, loss on the target columns only (as the trainer computes it);
-- memory: on a GPU the peak allocated memory of a training step; on the CPU the bytes of the tensors saved for
-  backward plus trainable parameters, their gradients and AdamW state (the part that differs between methods);
+- memory: on a GPU the peak allocated memory of a training step; on the CPU the bytes of the activations saved for
+  backward (each storage once, frozen base weights excluded) plus trainable parameters, their gradients and AdamW
+  state (the part that differs between methods);
 - prefill latency and per-token decode latency of greedy generation with the KV cache, batch 1 and batch 8;
 - the frozen base model, the floor no adapter can beat (forward only for the training step).
 """
@@ -94,11 +95,11 @@ class Bench:
             base = torch.cuda.memory_allocated()
             self.train_step()
             return torch.cuda.max_memory_allocated() - base
-        saved = 0
+        storages: dict[int, int] = {}  # each storage once: a frozen weight is saved by every op that uses it
 
         def pack(t: torch.Tensor) -> torch.Tensor:
-            nonlocal saved
-            saved += t.numel() * t.element_size()
+            storage = t.untyped_storage()
+            storages[storage.data_ptr()] = storage.nbytes()
             return t
 
         self.model.train()
@@ -107,6 +108,8 @@ class Bench:
         if self.optimizer is not None:
             loss.backward()
             self.optimizer.zero_grad(set_to_none=True)
+        frozen = {p.untyped_storage().data_ptr() for p in self.model.parameters() if not p.requires_grad}
+        saved = sum(n for ptr, n in storages.items() if ptr not in frozen)  # activations, not the base weights
         trainable = sum(p.numel() * p.element_size() for p in self.model.parameters() if p.requires_grad)
         return saved + 4 * trainable  # params, grads, exp_avg, exp_avg_sq
 

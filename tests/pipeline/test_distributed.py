@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +16,13 @@ from tests.pipeline.test_end_to_end import TINY, run
 
 ROOT = Path(__file__).resolve().parents[2]
 LAUNCH = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines",
-          "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0"]  # fmt: skip
+          "1", "--mixed_precision", "no", "--dynamo_backend", "no"]  # fmt: skip
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def files(run_dir: Path) -> list[str]:
@@ -27,8 +34,9 @@ def test_two_processes_match_one_process(tmp_path: Path, method: str) -> None:
     args = [*TINY, "--method", method, "--max-steps", "4", "--lr", "0.01", "--log-every", "1"]
     run("train", "--out", str(tmp_path / "one"), *args)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([*LAUNCH, "-m", "orchmoe.cli", "train", "--out", str(tmp_path / "two"), *args],
-                          env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+    port = ["--main_process_ip", "127.0.0.1", "--main_process_port", str(free_port())]
+    done = subprocess.run([*LAUNCH, *port, "-m", "orchmoe.cli", "train", "--out", str(tmp_path / "two"), *args],
+                          env=env, capture_output=True, text=True, timeout=180)  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.count("trained") == 2  # two processes really ran
     one = load_file(str(tmp_path / "one" / "adapter" / "adapter_model.safetensors"))

@@ -12,6 +12,7 @@ import inspect
 import json
 import math
 import random
+import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -124,8 +125,10 @@ def train(cfg: RunConfig, out: Path, resume: bool = False, overwrite: bool = Fal
     if main:
         write_json(out / CONFIG_FILE, cfg.to_dict())
 
-    set_seed(cfg.seed)
     loaded = load_model(cfg.model, seed=cfg.seed)
+    # seed after loading: whatever loading drew (a first-time model conversion initialises weights) must not move
+    # the adapter's initialisation or the Gumbel noise
+    set_seed(cfg.seed)
     selection = make_selection(cfg)
     encoded, truncation = encode(selection.train, loaded.tokenizer, cfg.max_input_tokens, cfg.max_target_tokens)
     task_index = {name: i for i, name in enumerate(selection.train_tasks)}
@@ -236,7 +239,8 @@ def train(cfg: RunConfig, out: Path, resume: bool = False, overwrite: bool = Fal
                 with log_path.open("a") as f:
                     f.write(json.dumps(entry) + "\n")
                 if entry.get("router_collapsed") and not any(e.get("router_collapsed") for e in log[:-1]):
-                    tqdm.write(f"warning: step {step}: the Task Router sends every example to one abstract task")
+                    warning = f"warning: step {step}: the Task Router sends every example to one abstract task"
+                    tqdm.write(warning, file=sys.stderr)
         if bad_streak >= cfg.nan_patience:  # after the skipped step is logged
             raise TrainingDiverged(
                 f"Loss was NaN/inf for {bad_streak} consecutive steps (up to step {step}); lower --lr."
