@@ -42,10 +42,4 @@ def format_parameter_report(counts: Mapping[str, int]) -> str:
     )
 
 
-def set_router_training(model: nn.Module, enabled: bool) -> None:
-    """Freeze (or unfreeze) the router parameters, e.g. for an ablation with a fixed routing."""
-    for p in get_tuner(model).router_parameters():
-        p.requires_grad_(enabled)
-
-
-__all__ = ["format_parameter_report", "get_tuner", "parameter_report", "routing", "set_router_training"]
+__all__ = ["format_parameter_report", "get_tuner", "parameter_report", "routing"]
