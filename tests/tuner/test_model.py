@@ -223,3 +223,14 @@ def test_uniform_router_ablations(overrides: dict, task_router: int, skill_route
             assert torch.allclose(alpha, torch.ones(4, 4))
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     assert trainable == counts["trainable"]
+
+
+def test_routing_state_after_generate_equals_routing(arch: str) -> None:
+    model = make_peft(arch).train()
+    model(**inputs(batch=4), **seq2seq_extra(arch, 4))  # running statistics away from their init
+    model.eval()
+    batch = inputs(batch=3, seed=4)
+    with torch.no_grad():
+        model.generate(**batch, max_new_tokens=3, do_sample=False, pad_token_id=0)
+    state = orchmoe.get_tuner(model).routing_state.task_weights
+    assert torch.equal(state, orchmoe.routing(model, batch).task_weights)
