@@ -109,7 +109,8 @@ def main() -> None:
                 print(f"{part} {method} seed {seed}: seen R-L {result['seen']['macro']['rougeL']:.2f}, unseen R-L "
                       f"{result['unseen']['macro']['rougeL']:.2f}", flush=True)  # fmt: skip
         report[part] = {m: [{s: r[s]["macro"] for s in ("seen", "unseen")} for r in rs] for m, rs in rows.items()}
-        markdown += [f"## {part} ({len(args.seeds)} seeds, mean ± std)", "", table(rows), ""]
+        seeds = f"{len(args.seeds)} seeds, mean ± std" if len(args.seeds) > 1 else f"seed {args.seeds[0]}"
+        markdown += [f"## {part} ({seeds})", "", table(rows), ""]
     if "ablations" in args.parts:
         rows = {}
         for name, change in ABLATIONS.items():
