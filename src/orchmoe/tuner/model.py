@@ -22,7 +22,7 @@ from torch import nn
 
 from .config import OrchMoEConfig
 from .layer import Linear, OrchMoELayer
-from .router import SkillRouter, TaskRouter, mutual_information_loss, relax, routing_entropies
+from .router import SkillRouter, TaskRouter, relax, routing_entropies
 
 
 @dataclass
@@ -209,10 +209,11 @@ class OrchMoEModel(BaseTuner):
                 f"`task_weights` must have shape (batch, n_tasks={self.peft_config[self._adapter].n_tasks}), got "
                 f"{tuple(task_weights.shape)}."
             )
-        per_example, marginal = routing_entropies(task_weights.detach(), global_batch=self.training)
+        # one computation (one all_gather under data parallelism) serves the loss and the log
+        per_example, marginal = routing_entropies(task_weights, global_batch=self.training)
         self.routing_state = RoutingState(
             task_weights=task_weights,
-            mi_loss=mutual_information_loss(task_weights, global_batch=self.training),
+            mi_loss=per_example - marginal,  # = mutual_information_loss(task_weights)
             entropy_per_example=per_example.item(),
             entropy_marginal=marginal.item(),
         )
