@@ -23,21 +23,30 @@ from orchmoe.pipeline.config import PRESETS, RunConfig
 from orchmoe.pipeline.evaluate import METRICS, evaluate_run
 from orchmoe.pipeline.trainer import train
 
-METHODS = ("orchmoe", "lora", "poly", "mhr")
-ABLATIONS = {
-    "orchmoe": {},
+# name -> (peft method, RunConfig changes); "orchmoe-tau4" is the temperature fix found on the built-in suite
+VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
+    "orchmoe": ("orchmoe", {}),
+    "orchmoe-tau4": ("orchmoe", {"temperature": 4.0}),
+    "lora": ("lora", {}),
+    "poly": ("poly", {}),
+    "mhr": ("mhr", {}),
+}
+# ablation name -> (run directory under sni-10 when the run is a sni-10 row, RunConfig changes)
+ABLATIONS: dict[str, dict[str, Any]] = {
+    "orchmoe (tau 1)": {},
     "no task router (uniform w)": {"uniform_task_router": True},
     "no skill router (uniform z)": {"uniform_skill_router": True},
     "gumbel-sigmoid": {"skill_relaxation": "gumbel_sigmoid"},
     "tau 0.5": {"temperature": 0.5},
-    "tau 2.0": {"temperature": 2.0},
+    "tau 4": {"temperature": 4.0},
 }
 KEYS = ("rouge1", "rougeL", "rougeLsum", "exact_match")
 
 
 def run_one(cfg: RunConfig, out: Path) -> dict[str, Any]:
-    """Train + evaluate once; reuse a finished run."""
-    if not (out / METRICS).is_file():
+    """Train + evaluate once; reuse a finished run of exactly this configuration (any part may share it)."""
+    done = (out / METRICS).is_file() and json.loads((out / "config.json").read_text()) == dataclasses.asdict(cfg)
+    if not done:
         prepare_run_dir(out, overwrite=True, resume=False)
         train(cfg, out, overwrite=True, progress=False)
         evaluate_run(out, progress=False)
@@ -66,12 +75,14 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("runs/quality"))
     parser.add_argument("--parts", nargs="+", default=["sni-10", "sni-many", "ablations", "samples"])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--methods", nargs="+", default=list(METHODS))
+    parser.add_argument("--methods", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--n-train", type=int, default=16, help="training instances per task (sni-10)")
     parser.add_argument("--n-test", type=int, default=5, help="test instances per task")
     parser.add_argument("--n-unseen", type=int, default=12, help="unseen tasks from the split's test list")
     parser.add_argument("--many-tasks", type=int, default=100)
     parser.add_argument("--many-train", type=int, default=2, help="training instances per task (sni-many)")
+    parser.add_argument("--many-test", type=int, default=2, help="test instances per task (sni-many)")
+    parser.add_argument("--many-seeds", type=int, nargs="+", default=[0], help="seeds for sni-many (budget: one)")
     parser.add_argument("--samples", type=int, nargs="+", default=[8, 16, 32])
     parser.add_argument("--epochs", type=float, default=2.0)
     parser.add_argument("--lr", type=float, default=1e-3)
@@ -88,44 +99,66 @@ def main() -> None:
     report: dict[str, Any] = {"config": dataclasses.asdict(base), "args": {k: str(v) for k, v in vars(args).items()}}
     markdown = []
     settings = {
-        "sni-10": {**PRESETS["sni-10"], "n_train": args.n_train, "n_test": args.n_test, "n_unseen": args.n_unseen},
+        "sni-10": {
+            **PRESETS["sni-10"],
+            "n_train": args.n_train,
+            "n_test": args.n_test,
+            "n_unseen": args.n_unseen,
+            "max_input_tokens": args.max_input_tokens,
+        },
         "sni-many": {
             "n_tasks": args.many_tasks,
             "n_train": args.many_train,
-            "n_test": args.n_test,
+            "n_test": args.many_test,
             "n_unseen": args.n_unseen,
         },
     }
+
+    def sni10(variant: str, seed: int, **change: Any) -> RunConfig:
+        method, changes = VARIANTS[variant]
+        return dataclasses.replace(base, method=method, seed=seed, **{**settings["sni-10"], **changes, **change})
+
+    def many(variant: str, seed: int) -> RunConfig:
+        method, changes = VARIANTS[variant]
+        return dataclasses.replace(base, method=method, seed=seed, **{**settings["sni-many"], **changes})
+
+    def sni10_dir(cfg: RunConfig) -> Path | None:
+        """The sni-10 row directory that holds this configuration, if it is one."""
+        for variant in VARIANTS:
+            if cfg == sni10(variant, cfg.seed):
+                return args.out / "sni-10" / f"{variant}-seed{cfg.seed}"
+        return None
+
     for part in ("sni-10", "sni-many"):
         if part not in args.parts:
             continue
         rows: dict[str, list[dict[str, Any]]] = {}
         for method in args.methods:
-            for seed in args.seeds:
-                cfg = dataclasses.replace(base, method=method, seed=seed, **settings[part])
-                cfg.max_input_tokens = args.max_input_tokens
-                result = run_one(cfg, args.out / part / f"{method}-seed{seed}")
+            for seed in args.seeds if part == "sni-10" else args.many_seeds:
+                result = run_one(sni10(method, seed) if part == "sni-10" else many(method, seed), args.out / part /
+                                 f"{method}-seed{seed}")  # fmt: skip
                 rows.setdefault(method, []).append(result)
                 print(f"{part} {method} seed {seed}: seen R-L {result['seen']['macro']['rougeL']:.2f}, unseen R-L "
                       f"{result['unseen']['macro']['rougeL']:.2f}", flush=True)  # fmt: skip
         report[part] = {m: [{s: r[s]["macro"] for s in ("seen", "unseen")} for r in rs] for m, rs in rows.items()}
-        seeds = f"{len(args.seeds)} seeds, mean ± std" if len(args.seeds) > 1 else f"seed {args.seeds[0]}"
+        n_seeds = len(next(iter(rows.values())))
+        seeds = f"{n_seeds} seeds, mean ± std" if n_seeds > 1 else "one seed"
         markdown += [f"## {part} ({seeds})", "", table(rows), ""]
     if "ablations" in args.parts:
         rows = {}
         for name, change in ABLATIONS.items():
-            cfg = dataclasses.replace(base, method="orchmoe", seed=args.seeds[0], **settings["sni-10"], **change)
+            cfg = sni10("orchmoe", args.seeds[0], **change)
             slug = name.replace(" ", "-").replace("(", "").replace(")", "")
-            rows[name] = [run_one(cfg, args.out / "ablations" / slug)]
+            rows[name] = [run_one(cfg, sni10_dir(cfg) or args.out / "ablations" / slug)]
         report["ablations"] = {n: {s: rs[0][s]["macro"] for s in ("seen", "unseen")} for n, rs in rows.items()}
         markdown += [f"## Ablations on sni-10 (seed {args.seeds[0]})", "", table(rows), ""]
     if "samples" in args.parts:
         rows = {}
         for method in ("orchmoe", "lora"):
             for n in args.samples:
-                setting = {**settings["sni-10"], "n_train": n}
-                cfg = dataclasses.replace(base, method=method, seed=args.seeds[0], **setting)
-                rows[f"{method}, {n} per task"] = [run_one(cfg, args.out / "samples" / f"{method}-{n}")]
+                cfg = sni10(method, args.seeds[0], n_train=n)
+                out = sni10_dir(cfg) or args.out / "samples" / f"{method}-{n}"
+                rows[f"{method}, {n} per task"] = [run_one(cfg, out)]
         report["samples"] = {n: rs[0]["seen"]["macro"]["rougeL"] for n, rs in rows.items()}
         markdown += ["## Sample efficiency on sni-10 (seen R-L)", "", table(rows, ("seen",)), ""]
     args.out.mkdir(parents=True, exist_ok=True)

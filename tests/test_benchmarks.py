@@ -31,8 +31,17 @@ def test_speed_benchmark_prints_its_result_line(tmp_path: Path) -> None:
 
 def test_quality_benchmark_on_the_builtin_suite(tmp_path: Path) -> None:
     data = write_suite(tmp_path / "suite", seed=0, n_instances=12)
-    script("quality.py", "--data-dir", str(data), "--model", "tiny-gemma3", "--parts", "sni-10", "--seeds", "0", "1",
-           "--methods", "orchmoe", "lora", "--n-train", "2", "--n-test", "1", "--n-unseen", "2", "--epochs", "1",
-           "--max-new-tokens", "2", "--out", str(tmp_path / "q"))  # fmt: skip
-    table = (tmp_path / "q" / "quality.md").read_text()
-    assert "## sni-10 (2 seeds, mean ± std)" in table and "| orchmoe |" in table and "±" in table
+    out = tmp_path / "q"
+    script("quality.py", "--data-dir", str(data), "--model", "tiny-gemma3", "--seeds", "0", "1",
+           "--methods", "orchmoe", "orchmoe-tau4", "lora", "--n-train", "2", "--n-test", "1", "--n-unseen", "2",
+           "--epochs", "1", "--max-new-tokens", "2", "--many-tasks", "3", "--many-train", "1", "--many-test", "1",
+           "--samples", "1", "2", "--out", str(out))  # fmt: skip
+    table = (out / "quality.md").read_text()
+    assert "## sni-10 (2 seeds, mean ± std)" in table and "| orchmoe-tau4 |" in table and "±" in table
+    assert "## sni-many (one seed)" in table and "| orchmoe (tau 1) |" in table and "| lora, 1 per task |" in table
+    # rows that are the same configuration share one run: tau 1 and tau 4 ablations, 2 per task = the sni-10 rows
+    assert sorted(p.name for p in (out / "ablations").iterdir()) == [
+        "gumbel-sigmoid", "no-skill-router-uniform-z", "no-task-router-uniform-w", "tau-0.5"]  # fmt: skip
+    assert sorted(p.name for p in (out / "samples").iterdir()) == ["lora-1", "orchmoe-1"]
+    report = json.loads((out / "quality.json").read_text())
+    assert report["samples"]["orchmoe, 2 per task"] == report["sni-10"]["orchmoe"][0]["seen"]["rougeL"]
