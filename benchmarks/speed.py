@@ -160,6 +160,8 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=2)
     parser.add_argument("--abstract-tasks", type=int, default=4)
     parser.add_argument("--sweep", action="store_true", help="also step time / memory against S and T")
+    parser.add_argument("--memory-only", action="store_true",
+                        help="only the S / T sweep's memory (deterministic on the CPU; no timing)")  # fmt: skip
     parser.add_argument("--sweep-skills", type=int, nargs="+", default=[2, 4, 8, 16, 32, 64])
     parser.add_argument("--sweep-tasks", type=int, nargs="+", default=[1, 4, 16, 64])
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/speed.json"))
@@ -169,6 +171,10 @@ def main() -> None:
     cfg = RunConfig(model=args.model, n_skills=args.skills, rank=args.rank, n_abstract_tasks=args.abstract_tasks)
     vocab_probe = load_model(args.model).model.config.vocab_size
     batch = make_batch(vocab_probe, args.batch, args.prompt, args.target, device)
+    if args.memory_only:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps({"model": args.model, "sweep": sweep(args, device, batch)}, indent=1))
+        return
     benches, params, _ = build_all(args.model, cfg, METHODS, device, batch, args.target)
 
     report: dict = {"model": args.model, "device": str(device), "threads": torch.get_num_threads()}
@@ -201,23 +207,28 @@ def main() -> None:
     print(f"RESULT train_step_ratio={train_ratio:.3f} decode_ratio={decode_ratio:.3f}")
 
 
+def describe(method: str, result: dict) -> str:
+    step = "" if result["step_s"] is None else f" {result['step_s']:.3f}s"
+    return f"{method}{step} {result['memory_bytes'] / 2**20:.1f}MB"
+
+
 def sweep(args: argparse.Namespace, device: torch.device, batch) -> dict:
     """OrchMoE step time and memory against S (fixed r) and T (fixed S), LoRA of rank S*r alongside."""
     results: dict = {"skills": {}, "tasks": {}}
     for s in args.sweep_skills:
         cfg = RunConfig(model=args.model, n_skills=s, rank=args.rank, n_abstract_tasks=args.abstract_tasks)
         benches, _, _ = build_all(args.model, cfg, ("lora", "orchmoe"), device, batch, args.target)
-        times = measure(benches, Bench.train_step, max(2, args.repeats // 2), 1, device)
-        results["skills"][s] = {m: {"step_s": times[m], "memory_bytes": benches[m].train_memory(device)}
+        times = {} if args.memory_only else measure(benches, Bench.train_step, max(2, args.repeats // 2), 1, device)
+        results["skills"][s] = {m: {"step_s": times.get(m), "memory_bytes": benches[m].train_memory(device)}
                                 for m in benches}  # fmt: skip
-        print(f"S={s}: " + ", ".join(f"{m} {v['step_s']:.3f}s" for m, v in results["skills"][s].items()))
+        print(f"S={s}: " + ", ".join(describe(m, v) for m, v in results["skills"][s].items()))
     for t in args.sweep_tasks:
         cfg = RunConfig(model=args.model, n_skills=args.skills, rank=args.rank, n_abstract_tasks=t)
         benches, _, _ = build_all(args.model, cfg, ("lora", "orchmoe"), device, batch, args.target)
-        times = measure(benches, Bench.train_step, max(2, args.repeats // 2), 1, device)
-        results["tasks"][t] = {m: {"step_s": times[m], "memory_bytes": benches[m].train_memory(device)}
+        times = {} if args.memory_only else measure(benches, Bench.train_step, max(2, args.repeats // 2), 1, device)
+        results["tasks"][t] = {m: {"step_s": times.get(m), "memory_bytes": benches[m].train_memory(device)}
                                for m in benches}  # fmt: skip
-        print(f"T={t}: " + ", ".join(f"{m} {v['step_s']:.3f}s" for m, v in results["tasks"][t].items()))
+        print(f"T={t}: " + ", ".join(describe(m, v) for m, v in results["tasks"][t].items()))
     plot_sweep(results, args.out.with_suffix(".png"))
     return results
 
@@ -232,16 +243,20 @@ def plot_sweep(results: dict, path: Path) -> None:
     for ax, key, label in ((axes[0], "skills", "skills S (rank r fixed; LoRA rank S*r)"),
                            (axes[1], "tasks", "abstract tasks T (S fixed)")):  # fmt: skip
         xs = sorted(results[key], key=int)
-        for m in ("lora", "orchmoe"):
-            ax.plot([int(x) for x in xs], [results[key][x][m]["step_s"] for x in xs], marker="o", label=f"{m} step")
-        ax2 = ax.twinx()
-        ax2.plot([int(x) for x in xs], [results[key][x]["orchmoe"]["memory_bytes"] / 2**20 for x in xs], "k--",
-                 label="orchmoe memory")  # fmt: skip
-        ax2.set_ylabel("memory (MB)")
+        timed = all(results[key][x]["lora"]["step_s"] is not None for x in xs)
+        ax2 = ax.twinx() if timed else ax
+        for m, style in (("lora", "--"), ("orchmoe", ":")):
+            if timed:
+                ax.plot([int(x) for x in xs], [results[key][x][m]["step_s"] for x in xs], marker="o", label=f"{m} step")
+            ax2.plot([int(x) for x in xs], [results[key][x][m]["memory_bytes"] / 2**20 for x in xs], "k" + style,
+                     marker="x", label=f"{m} memory")  # fmt: skip
+        ax2.set_ylabel("training memory (MB)")
         ax.set_xscale("log", base=2)
         ax.set_xlabel(label)
-        ax.set_ylabel("train step (s)")
+        if timed:
+            ax.set_ylabel("train step (s)")
         ax.legend(loc="upper left", fontsize=8)
+        ax2.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

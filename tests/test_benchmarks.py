@@ -29,6 +29,21 @@ def test_speed_benchmark_prints_its_result_line(tmp_path: Path) -> None:
     assert report["parameters"]["orchmoe"]["adapter"] == report["parameters"]["lora"]["adapter"]
 
 
+def test_memory_sweep_grows_with_the_skills_and_not_the_abstract_tasks(tmp_path: Path) -> None:
+    out = tmp_path / "memory.json"
+    script("speed.py", "--model", "tiny-gemma3", "--memory-only", "--sweep-skills", "2", "16", "--sweep-tasks", "1",
+           "64", "--out", str(out))  # fmt: skip
+    sweep = json.loads(out.read_text())["sweep"]
+    memory = {k: {x: {m: r["memory_bytes"] for m, r in v.items()} for x, v in sweep[k].items()} for k in sweep}
+    for method in ("lora", "orchmoe"):  # more skills = higher rank at parity: more parameters, wider activations
+        assert memory["skills"]["16"][method] > memory["skills"]["2"][method]
+    # T only adds T x S allocation logits per module and d x T task-router weights: a few kilobytes
+    grown = memory["tasks"]["64"]["orchmoe"] - memory["tasks"]["1"]["orchmoe"]
+    assert 0 < grown < 0.05 * memory["tasks"]["1"]["orchmoe"]
+    assert memory["tasks"]["64"]["lora"] == memory["tasks"]["1"]["lora"]
+    assert out.with_suffix(".png").is_file()
+
+
 def test_quality_benchmark_on_the_builtin_suite(tmp_path: Path) -> None:
     data = write_suite(tmp_path / "suite", seed=0, n_instances=12)
     out = tmp_path / "q"
