@@ -59,6 +59,21 @@ def mean_std(values: list[float]) -> str:
     return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
 
 
+def routing_table(rows: dict[str, list[dict[str, Any]]]) -> str:
+    """What the Task Router learned, for the rows that have one: NMI / consistency of argmax abstract task vs the
+    true task, abstract tasks in use, and the per-seed seen R-L beside it."""
+    lines = ["| method | seen NMI | seen consistency | unseen NMI | abstract tasks used (seen) | seen R-L per seed |",
+             "|---|---|---|---|---|---|"]  # fmt: skip
+    for name, results in rows.items():
+        if "routing" not in results[0]["seen"]:
+            continue
+        keys = (("seen", "nmi"), ("seen", "consistency"), ("unseen", "nmi"), ("seen", "abstract_tasks_used"))
+        cells = [mean_std([float(r[s]["routing"][k]) for r in results]) for s, k in keys]
+        per_seed = " / ".join(f"{r['seen']['macro']['rougeL']:.2f}" for r in results)
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {per_seed} |")
+    return "\n".join(lines)
+
+
 def table(rows: dict[str, list[dict[str, Any]]], sets: tuple[str, ...] = ("seen", "unseen")) -> str:
     head = "| method | " + " | ".join(f"{s} {k}" for s in sets for k in ("R-1", "R-L", "R-Lsum", "EM")) + " |"
     lines = [head, "|" + "---|" * (1 + 4 * len(sets))]
@@ -143,7 +158,7 @@ def main() -> None:
         report[part] = {m: [{s: r[s]["macro"] for s in ("seen", "unseen")} for r in rs] for m, rs in rows.items()}
         n_seeds = len(next(iter(rows.values())))
         seeds = f"{n_seeds} seeds, mean ± std" if n_seeds > 1 else "one seed"
-        markdown += [f"## {part} ({seeds})", "", table(rows), ""]
+        markdown += [f"## {part} ({seeds})", "", table(rows), "", routing_table(rows), ""]
     if "ablations" in args.parts:
         rows = {}
         for name, change in ABLATIONS.items():
@@ -151,7 +166,7 @@ def main() -> None:
             slug = name.replace(" ", "-").replace("(", "").replace(")", "")
             rows[name] = [run_one(cfg, sni10_dir(cfg) or args.out / "ablations" / slug)]
         report["ablations"] = {n: {s: rs[0][s]["macro"] for s in ("seen", "unseen")} for n, rs in rows.items()}
-        markdown += [f"## Ablations on sni-10 (seed {args.seeds[0]})", "", table(rows), ""]
+        markdown += [f"## Ablations on sni-10 (seed {args.seeds[0]})", "", table(rows), "", routing_table(rows), ""]
     if "samples" in args.parts:
         rows = {}
         for method in ("orchmoe", "lora"):

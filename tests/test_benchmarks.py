@@ -53,6 +53,8 @@ def test_quality_benchmark_on_the_builtin_suite(tmp_path: Path) -> None:
            "--samples", "1", "2", "--out", str(out))  # fmt: skip
     table = (out / "quality.md").read_text()
     assert "## sni-10 (2 seeds, mean ± std)" in table and "| orchmoe-tau4 |" in table and "±" in table
+    routing = [line for line in table.splitlines() if line.count("|") == 7 and "±" in line]  # sni-10 routing rows
+    assert [line.split(" | ")[0] for line in routing] == ["| orchmoe", "| orchmoe-tau4"]
     assert "## sni-many (one seed)" in table and "| orchmoe (tau 1) |" in table and "| lora, 1 per task |" in table
     # rows that are the same configuration share one run: tau 1 and tau 4 ablations, 2 per task = the sni-10 rows
     assert sorted(p.name for p in (out / "ablations").iterdir()) == [
