@@ -23,10 +23,12 @@ from orchmoe.pipeline.config import PRESETS, RunConfig
 from orchmoe.pipeline.evaluate import METRICS, evaluate_run
 from orchmoe.pipeline.trainer import train
 
-# name -> (peft method, RunConfig changes); "orchmoe-tau4" is the temperature fix found on the built-in suite
+# name -> (peft method, RunConfig changes); "orchmoe-tau4" is the temperature fix found on the built-in suite,
+# "orchmoe-anneal" anneals the Gumbel temperature from 4 to 1 over training (evaluated at 1)
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "orchmoe": ("orchmoe", {}),
     "orchmoe-tau4": ("orchmoe", {"temperature": 4.0}),
+    "orchmoe-anneal": ("orchmoe", {"temperature": 4.0, "temperature_end": 1.0}),  # 4 -> 1, geometric per step
     "lora": ("lora", {}),
     "poly": ("poly", {}),
     "mhr": ("mhr", {}),
@@ -98,6 +100,7 @@ def main() -> None:
     parser.add_argument("--many-train", type=int, default=2, help="training instances per task (sni-many)")
     parser.add_argument("--many-test", type=int, default=2, help="test instances per task (sni-many)")
     parser.add_argument("--many-seeds", type=int, nargs="+", default=[0], help="seeds for sni-many (budget: one)")
+    parser.add_argument("--many-methods", nargs="+", choices=list(VARIANTS), help="sni-many rows (default: --methods)")
     parser.add_argument("--samples", type=int, nargs="+", default=[8, 16, 32])
     parser.add_argument("--epochs", type=float, default=2.0)
     parser.add_argument("--lr", type=float, default=1e-3)
@@ -148,7 +151,7 @@ def main() -> None:
         if part not in args.parts:
             continue
         rows: dict[str, list[dict[str, Any]]] = {}
-        for method in args.methods:
+        for method in args.methods if part == "sni-10" else args.many_methods or args.methods:
             for seed in args.seeds if part == "sni-10" else args.many_seeds:
                 result = run_one(sni10(method, seed) if part == "sni-10" else many(method, seed), args.out / part /
                                  f"{method}-seed{seed}")  # fmt: skip

@@ -128,8 +128,11 @@ def set_unseen_task_row(model: nn.Module, n_train_tasks: int) -> None:
 
 
 def set_temperature(model: nn.Module, temperature: float) -> None:
-    """OrchMoE: set the Gumbel temperature of every Skill Router (for annealing)."""
+    """OrchMoE: set the Gumbel temperature of every Skill Router (for annealing), and of the adapter's config, so that
+    a saved adapter is evaluated at the temperature training ended with."""
     tuner = get_tuner(model)
+    for config in tuner.peft_config.values():
+        config.temperature = temperature
     for module in tuner.modules():
         if hasattr(module, "temperature") and hasattr(module, "relaxation"):
             module.temperature = temperature
