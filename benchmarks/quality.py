@@ -85,6 +85,28 @@ def table(rows: dict[str, list[dict[str, Any]]], sets: tuple[str, ...] = ("seen"
     return "\n".join(lines)
 
 
+def plot_samples(rows: dict[str, list[dict[str, Any]]], samples: list[int], path: Path) -> None:
+    """Seen and unseen ROUGE-L against training instances per task, one line per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.6))
+    for method in ("orchmoe", "lora"):
+        for split, style in (("seen", "-"), ("unseen", ":")):
+            scores = [rows[f"{method}, {n} per task"][0][split]["macro"]["rougeL"] for n in samples]
+            ax.plot(samples, scores, style, marker="o", label=f"{method} ({split})")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(samples, [str(n) for n in samples])
+    ax.set_xlabel("training instances per task (sni-10)")
+    ax.set_ylabel("ROUGE-L")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-dir", required=True, type=Path)
@@ -179,6 +201,8 @@ def main() -> None:
                 rows[f"{method}, {n} per task"] = [run_one(cfg, out)]
         report["samples"] = {n: rs[0]["seen"]["macro"]["rougeL"] for n, rs in rows.items()}
         markdown += ["## Sample efficiency on sni-10 (seen R-L)", "", table(rows, ("seen",)), ""]
+        args.out.mkdir(parents=True, exist_ok=True)
+        plot_samples(rows, args.samples, args.out / "samples.png")
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "quality.json").write_text(json.dumps(report, indent=1))
     (args.out / "quality.md").write_text("\n".join(markdown))

@@ -60,5 +60,6 @@ def test_quality_benchmark_on_the_builtin_suite(tmp_path: Path) -> None:
     assert sorted(p.name for p in (out / "ablations").iterdir()) == [
         "gumbel-sigmoid", "no-skill-router-uniform-z", "no-task-router-uniform-w", "tau-0.5"]  # fmt: skip
     assert sorted(p.name for p in (out / "samples").iterdir()) == ["lora-1", "orchmoe-1"]
+    assert (out / "samples.png").stat().st_size > 1000
     report = json.loads((out / "quality.json").read_text())
     assert report["samples"]["orchmoe, 2 per task"] == report["sni-10"]["orchmoe"][0]["seen"]["rougeL"]
