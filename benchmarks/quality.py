@@ -93,10 +93,10 @@ def plot_samples(rows: dict[str, list[dict[str, Any]]], samples: list[int], path
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(5, 3.6))
-    for method in ("orchmoe", "lora"):
+    for method, color in (("orchmoe", "tab:blue"), ("lora", "tab:green")):
         for split, style in (("seen", "-"), ("unseen", ":")):
             scores = [rows[f"{method}, {n} per task"][0][split]["macro"]["rougeL"] for n in samples]
-            ax.plot(samples, scores, style, marker="o", label=f"{method} ({split})")
+            ax.plot(samples, scores, style, color=color, marker="o", label=f"{method} ({split})")
     ax.set_xscale("log", base=2)
     ax.set_xticks(samples, [str(n) for n in samples])
     ax.set_xlabel("training instances per task (sni-10)")
