@@ -18,7 +18,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from orchmoe.pipeline.common import prepare_run_dir
+from orchmoe.pipeline.common import prepare_run_dir, read_run_config
 from orchmoe.pipeline.config import PRESETS, RunConfig
 from orchmoe.pipeline.evaluate import METRICS, evaluate_run
 from orchmoe.pipeline.trainer import train
@@ -33,7 +33,7 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "poly": ("poly", {}),
     "mhr": ("mhr", {}),
 }
-# ablation name -> (run directory under sni-10 when the run is a sni-10 row, RunConfig changes)
+# ablation name -> RunConfig changes to the sni-10 OrchMoE run
 ABLATIONS: dict[str, dict[str, Any]] = {
     "orchmoe (tau 1)": {},
     "no task router (uniform w)": {"uniform_task_router": True},
@@ -47,8 +47,7 @@ KEYS = ("rouge1", "rougeL", "rougeLsum", "exact_match")
 
 def run_one(cfg: RunConfig, out: Path) -> dict[str, Any]:
     """Train + evaluate once; reuse a finished run of exactly this configuration (any part may share it)."""
-    done = (out / METRICS).is_file() and json.loads((out / "config.json").read_text()) == dataclasses.asdict(cfg)
-    if not done:
+    if not ((out / METRICS).is_file() and read_run_config(out) == cfg):
         prepare_run_dir(out, overwrite=True, resume=False)
         train(cfg, out, overwrite=True, progress=False)
         evaluate_run(out, progress=False)
@@ -154,40 +153,37 @@ def main() -> None:
         },
     }
 
-    def sni10(variant: str, seed: int, **change: Any) -> RunConfig:
+    def config(part: str, variant: str, seed: int, **change: Any) -> RunConfig:
         method, changes = VARIANTS[variant]
-        return dataclasses.replace(base, method=method, seed=seed, **{**settings["sni-10"], **changes, **change})
-
-    def many(variant: str, seed: int) -> RunConfig:
-        method, changes = VARIANTS[variant]
-        return dataclasses.replace(base, method=method, seed=seed, **{**settings["sni-many"], **changes})
+        return dataclasses.replace(base, method=method, seed=seed, **{**settings[part], **changes, **change})
 
     def sni10_dir(cfg: RunConfig) -> Path | None:
         """The sni-10 row directory that holds this configuration, if it is one."""
         for variant in VARIANTS:
-            if cfg == sni10(variant, cfg.seed):
+            if cfg == config("sni-10", variant, cfg.seed):
                 return args.out / "sni-10" / f"{variant}-seed{cfg.seed}"
         return None
 
-    for part in ("sni-10", "sni-many"):
+    args.out.mkdir(parents=True, exist_ok=True)
+    plan = {"sni-10": (args.methods, args.seeds), "sni-many": (args.many_methods or args.methods, args.many_seeds)}
+    for part, (methods, seeds) in plan.items():
         if part not in args.parts:
             continue
         rows: dict[str, list[dict[str, Any]]] = {}
-        for method in args.methods if part == "sni-10" else args.many_methods or args.methods:
-            for seed in args.seeds if part == "sni-10" else args.many_seeds:
-                result = run_one(sni10(method, seed) if part == "sni-10" else many(method, seed), args.out / part /
-                                 f"{method}-seed{seed}")  # fmt: skip
+        for method in methods:
+            for seed in seeds:
+                result = run_one(config(part, method, seed), args.out / part / f"{method}-seed{seed}")
                 rows.setdefault(method, []).append(result)
                 print(f"{part} {method} seed {seed}: seen R-L {result['seen']['macro']['rougeL']:.2f}, unseen R-L "
                       f"{result['unseen']['macro']['rougeL']:.2f}", flush=True)  # fmt: skip
         report[part] = {m: [{s: r[s]["macro"] for s in ("seen", "unseen")} for r in rs] for m, rs in rows.items()}
         n_seeds = len(next(iter(rows.values())))
-        seeds = f"{n_seeds} seeds, mean ± std" if n_seeds > 1 else "one seed"
-        markdown += [f"## {part} ({seeds})", "", table(rows), "", routing_table(rows), ""]
+        label = f"{n_seeds} seeds, mean ± std" if n_seeds > 1 else "one seed"
+        markdown += [f"## {part} ({label})", "", table(rows), "", routing_table(rows), ""]
     if "ablations" in args.parts:
         rows = {}
         for name, change in ABLATIONS.items():
-            cfg = sni10("orchmoe", args.seeds[0], **change)
+            cfg = config("sni-10", "orchmoe", args.seeds[0], **change)
             slug = name.replace(" ", "-").replace("(", "").replace(")", "")
             rows[name] = [run_one(cfg, sni10_dir(cfg) or args.out / "ablations" / slug)]
         report["ablations"] = {n: {s: rs[0][s]["macro"] for s in ("seen", "unseen")} for n, rs in rows.items()}
@@ -196,14 +192,12 @@ def main() -> None:
         rows = {}
         for method in ("orchmoe", "lora"):
             for n in args.samples:
-                cfg = sni10(method, args.seeds[0], n_train=n)
+                cfg = config("sni-10", method, args.seeds[0], n_train=n)
                 out = sni10_dir(cfg) or args.out / "samples" / f"{method}-{n}"
                 rows[f"{method}, {n} per task"] = [run_one(cfg, out)]
         report["samples"] = {n: rs[0]["seen"]["macro"]["rougeL"] for n, rs in rows.items()}
         markdown += ["## Sample efficiency on sni-10 (seen R-L)", "", table(rows, ("seen",)), ""]
-        args.out.mkdir(parents=True, exist_ok=True)
         plot_samples(rows, args.samples, args.out / "samples.png")
-    args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "quality.json").write_text(json.dumps(report, indent=1))
     (args.out / "quality.md").write_text("\n".join(markdown))
     print("\n".join(markdown))

@@ -215,20 +215,15 @@ def describe(method: str, result: dict) -> str:
 def sweep(args: argparse.Namespace, device: torch.device, batch) -> dict:
     """OrchMoE step time and memory against S (fixed r) and T (fixed S), LoRA of rank S*r alongside."""
     results: dict = {"skills": {}, "tasks": {}}
-    for s in args.sweep_skills:
-        cfg = RunConfig(model=args.model, n_skills=s, rank=args.rank, n_abstract_tasks=args.abstract_tasks)
+    points = [("skills", "S", s, s, args.abstract_tasks) for s in args.sweep_skills]
+    points += [("tasks", "T", t, args.skills, t) for t in args.sweep_tasks]
+    for key, letter, x, n_skills, n_tasks in points:
+        cfg = RunConfig(model=args.model, n_skills=n_skills, rank=args.rank, n_abstract_tasks=n_tasks)
         benches, _, _ = build_all(args.model, cfg, ("lora", "orchmoe"), device, batch, args.target)
         times = {} if args.memory_only else measure(benches, Bench.train_step, max(2, args.repeats // 2), 1, device)
-        results["skills"][s] = {m: {"step_s": times.get(m), "memory_bytes": benches[m].train_memory(device)}
-                                for m in benches}  # fmt: skip
-        print(f"S={s}: " + ", ".join(describe(m, v) for m, v in results["skills"][s].items()))
-    for t in args.sweep_tasks:
-        cfg = RunConfig(model=args.model, n_skills=args.skills, rank=args.rank, n_abstract_tasks=t)
-        benches, _, _ = build_all(args.model, cfg, ("lora", "orchmoe"), device, batch, args.target)
-        times = {} if args.memory_only else measure(benches, Bench.train_step, max(2, args.repeats // 2), 1, device)
-        results["tasks"][t] = {m: {"step_s": times.get(m), "memory_bytes": benches[m].train_memory(device)}
-                               for m in benches}  # fmt: skip
-        print(f"T={t}: " + ", ".join(describe(m, v) for m, v in results["tasks"][t].items()))
+        results[key][x] = {m: {"step_s": times.get(m), "memory_bytes": benches[m].train_memory(device)}
+                           for m in benches}  # fmt: skip
+        print(f"{letter}={x}: " + ", ".join(describe(m, v) for m, v in results[key][x].items()))
     plot_sweep(results, args.out.with_suffix(".png"))
     return results
 
