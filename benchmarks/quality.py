@@ -4,7 +4,9 @@
     python benchmarks/quality.py --data-dir ../shared/sni --parts sni-10 --seeds 0
 
 Parts: ``sni-10`` (10 random training tasks), ``sni-many`` (as many training tasks as the split holds, at most
-100), ``ablations`` (OrchMoE variants on sni-10, seed 0), ``samples`` (ROUGE-L against training instances per task).
+100), ``ablations`` (OrchMoE variants on sni-10, seed 0), ``samples`` (ROUGE-L against training instances per task),
+``lr-sweep`` (every method gets the same learning rates on sni-10 seed 0, scored on validation instances of the
+training tasks; each method's best is then run with every seed and tested).
 Every run also evaluates the split's test tasks (never trained on) as the unseen set. Each finished run is kept under
 ``--out`` and skipped when the script is run again, so an interrupted benchmark resumes where it stopped.
 """
@@ -20,7 +22,7 @@ from typing import Any
 
 from orchmoe.pipeline.common import prepare_run_dir, read_run_config
 from orchmoe.pipeline.config import PRESETS, RunConfig
-from orchmoe.pipeline.evaluate import METRICS, evaluate_run
+from orchmoe.pipeline.evaluate import METRICS, evaluate_run, validate_run
 from orchmoe.pipeline.trainer import train
 
 # name -> (peft method, RunConfig changes); "orchmoe-tau4" is the temperature fix found on the built-in suite,
@@ -52,6 +54,14 @@ def run_one(cfg: RunConfig, out: Path) -> dict[str, Any]:
         train(cfg, out, overwrite=True, progress=False)
         evaluate_run(out, progress=False)
     return json.loads((out / METRICS).read_text())
+
+
+def validate_one(out: Path, n_val: int) -> float:
+    """Validation ROUGE-L of a finished run (kept beside its test metrics, recomputed if n_val changed)."""
+    path = out / "val_metrics.json"
+    if path.is_file() and json.loads(path.read_text())["n_val"] == n_val:
+        return float(json.loads(path.read_text())["val"]["macro"]["rougeL"])
+    return float(validate_run(out, n_val, progress=False)["val"]["macro"]["rougeL"])
 
 
 def mean_std(values: list[float]) -> str:
@@ -111,7 +121,7 @@ def main() -> None:
     parser.add_argument("--data-dir", required=True, type=Path)
     parser.add_argument("--model", default="gemma3-270m")
     parser.add_argument("--out", type=Path, default=Path("runs/quality"))
-    parser.add_argument("--parts", nargs="+", default=["sni-10", "sni-many", "ablations", "samples"])
+    parser.add_argument("--parts", nargs="+", default=["sni-10", "sni-many", "ablations", "samples", "lr-sweep"])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--methods", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--n-train", type=int, default=16, help="training instances per task (sni-10)")
@@ -123,6 +133,9 @@ def main() -> None:
     parser.add_argument("--many-seeds", type=int, nargs="+", default=[0], help="seeds for sni-many (budget: one)")
     parser.add_argument("--many-methods", nargs="+", choices=list(VARIANTS), help="sni-many rows (default: --methods)")
     parser.add_argument("--samples", type=int, nargs="+", default=[8, 16, 32])
+    parser.add_argument("--lrs", type=float, nargs="+", default=[3e-4, 1e-3, 3e-3], help="lr-sweep values")
+    parser.add_argument("--n-val", type=int, default=5, help="lr-sweep validation instances per training task")
+    parser.add_argument("--sweep-methods", nargs="+", default=["orchmoe", "lora", "poly", "mhr"], choices=VARIANTS)
     parser.add_argument("--epochs", type=float, default=2.0)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--max-input-tokens", type=int, default=192)
@@ -198,6 +211,31 @@ def main() -> None:
         report["samples"] = {n: rs[0]["seen"]["macro"]["rougeL"] for n, rs in rows.items()}
         markdown += ["## Sample efficiency on sni-10 (seen R-L)", "", table(rows, ("seen",)), ""]
         plot_samples(rows, args.samples, args.out / "samples.png")
+    if "lr-sweep" in args.parts:
+        val: dict[str, dict[float, float]] = {}
+        for variant in args.sweep_methods:  # the whole sweep first: the choice needs every value
+            for lr in args.lrs:
+                cfg = config("sni-10", variant, args.seeds[0], lr=lr)
+                out = sni10_dir(cfg) or args.out / "lr-sweep" / f"{variant}-lr{lr:g}-seed{cfg.seed}"
+                run_one(cfg, out)
+                val.setdefault(variant, {})[lr] = validate_one(out, args.n_val)
+                print(f"lr-sweep {variant} lr {lr:g}: validation R-L {val[variant][lr]:.2f}", flush=True)
+        chosen = {variant: max(scores, key=scores.__getitem__) for variant, scores in val.items()}
+        rows = {}
+        for variant, best in chosen.items():
+            for seed in args.seeds:
+                cfg = config("sni-10", variant, seed, lr=best)
+                out = sni10_dir(cfg) or args.out / "lr-sweep" / f"{variant}-lr{best:g}-seed{seed}"
+                rows.setdefault(f"{variant} (lr {best:g})", []).append(run_one(cfg, out))
+        tested = {n: [{s: r[s]["macro"] for s in ("seen", "unseen")} for r in rs] for n, rs in rows.items()}
+        report["lr-sweep"] = {"validation_rougeL": val, "chosen": chosen, "test": tested}
+        sweep = ["| method | " + " | ".join(f"val R-L at lr {lr:g}" for lr in args.lrs) + " | chosen |",
+                 "|" + "---|" * (len(args.lrs) + 2)]  # fmt: skip
+        sweep += [f"| {v} | " + " | ".join(f"{s[lr]:.2f}" for lr in args.lrs) + f" | {chosen[v]:g} |"
+                  for v, s in val.items()]  # fmt: skip
+        title = f"## Learning-rate sweep (sni-10 seed {args.seeds[0]}, {args.n_val} validation instances per task)"
+        markdown += [title, "", "\n".join(sweep), "", f"### Each method at its chosen lr ({len(args.seeds)} seeds)",
+                     "", table(rows), "", routing_table(rows), ""]  # fmt: skip
     (args.out / "quality.json").write_text(json.dumps(report, indent=1))
     (args.out / "quality.md").write_text("\n".join(markdown))
     print("\n".join(markdown))

@@ -44,13 +44,20 @@ def test_memory_sweep_grows_with_the_skills_and_not_the_abstract_tasks(tmp_path:
     assert out.with_suffix(".png").is_file()
 
 
-def test_quality_benchmark_on_the_builtin_suite(tmp_path: Path) -> None:
+def quality(tmp_path: Path, *args: str) -> Path:
+    """quality.py on a tiny built-in suite and a tiny model, 2 seeds; returns its output folder."""
     data = write_suite(tmp_path / "suite", seed=0, n_instances=12)
     out = tmp_path / "q"
-    script("quality.py", "--data-dir", str(data), "--model", "tiny-gemma3", "--seeds", "0", "1",
-           "--methods", "orchmoe", "orchmoe-tau4", "lora", "--n-train", "2", "--n-test", "1", "--n-unseen", "2",
-           "--epochs", "1", "--max-new-tokens", "2", "--many-tasks", "3", "--many-train", "1", "--many-test", "1",
-           "--samples", "1", "2", "--out", str(out))  # fmt: skip
+    script("quality.py", "--data-dir", str(data), "--model", "tiny-gemma3", "--seeds", "0", "1", "--n-train", "2",
+           "--n-test", "1", "--n-unseen", "2", "--epochs", "1", "--max-new-tokens", "2", "--out", str(out),
+           *args)  # fmt: skip
+    return out
+
+
+def test_quality_benchmark_on_the_builtin_suite(tmp_path: Path) -> None:
+    out = quality(tmp_path, "--parts", "sni-10", "sni-many", "ablations", "samples", "--methods", "orchmoe",
+                  "orchmoe-tau4", "lora", "--many-tasks", "3", "--many-train", "1", "--many-test", "1", "--samples",
+                  "1", "2")  # fmt: skip
     table = (out / "quality.md").read_text()
     assert "## sni-10 (2 seeds, mean ± std)" in table and "| orchmoe-tau4 |" in table and "±" in table
     routing = [line for line in table.splitlines() if line.count("|") == 7 and "±" in line]  # sni-10 routing rows
@@ -63,3 +70,17 @@ def test_quality_benchmark_on_the_builtin_suite(tmp_path: Path) -> None:
     assert (out / "samples.png").stat().st_size > 1000
     report = json.loads((out / "quality.json").read_text())
     assert report["samples"]["orchmoe, 2 per task"] == report["sni-10"]["orchmoe"][0]["seen"]["rougeL"]
+
+
+def test_quality_learning_rate_sweep_picks_on_validation(tmp_path: Path) -> None:
+    out = quality(tmp_path, "--parts", "sni-10", "lr-sweep", "--methods", "lora", "--sweep-methods", "lora",
+                  "--lrs", "1e-3", "1e-1", "--n-val", "2")  # fmt: skip
+    report = json.loads((out / "quality.json").read_text())["lr-sweep"]
+    val = report["validation_rougeL"]["lora"]
+    best = max(val, key=val.__getitem__)
+    assert report["chosen"]["lora"] == float(best) and len(report["test"][f"lora (lr {float(best):g})"]) == 2
+    # lr 1e-3 is the sni-10 run itself: scored on validation in place, not trained again
+    assert (out / "sni-10" / "lora-seed0" / "val_metrics.json").is_file()
+    assert sorted(p.name for p in (out / "lr-sweep").iterdir())[0] == "lora-lr0.1-seed0"
+    assert json.loads((out / "lr-sweep" / "lora-lr0.1-seed0" / "val_metrics.json").read_text())["n_val"] == 2
+    assert "## Learning-rate sweep" in (out / "quality.md").read_text()

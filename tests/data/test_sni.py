@@ -64,6 +64,17 @@ def test_selection_is_seeded_and_splits_are_fixed(data_dir: Path) -> None:
     assert len(others) > 1  # the seed matters
 
 
+def test_validation_instances_leave_the_training_sample_alone(data_dir: Path) -> None:
+    plain = select(data_dir, n_tasks=3, n_train=3, n_test=2, seed=1)
+    with_val = select(data_dir, n_tasks=3, n_train=3, n_test=2, seed=1, n_val=2)
+    assert plain.val == [] and with_val.train == plain.train and with_val.test == plain.test
+    assert len(with_val.val) == 6
+    for name in with_val.train_tasks:
+        val = [e.id for e in with_val.val if e.task == name]
+        used = {e.id for e in with_val.train + with_val.test if e.task == name}
+        assert len(val) == 2 and not used & set(val)
+
+
 def test_named_tasks(data_dir: Path) -> None:
     sel = select(data_dir, n_tasks=0, n_train=3, n_test=2, tasks=["task001_t", "task003_t"])
     assert sel.train_tasks == ["task001_t", "task003_t"]
@@ -104,6 +115,7 @@ def test_bad_task_file_names_the_file_and_the_problem(tmp_path: Path, content: o
         ({"n_tasks": 2, "n_unseen": 3}, "asked for 3 unseen tasks"),
         ({"n_tasks": 2, "split": "xlingual"}, r"no such split .available: default"),
         ({"n_tasks": 2, "n_test": 8}, "need more than the 8 held out"),
+        ({"n_tasks": 2, "n_train": 4, "n_val": 3}, "too few for 2 test . 4 training . 3 validation"),
     ],
 )
 def test_impossible_requests(data_dir: Path, kwargs: dict, message: str) -> None:

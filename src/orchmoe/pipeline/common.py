@@ -33,7 +33,8 @@ def resolve_data_dir(cfg: RunConfig, out: Path) -> RunConfig:
     return cfg
 
 
-def make_selection(cfg: RunConfig) -> Selection:
+def make_selection(cfg: RunConfig, n_val: int = 0) -> Selection:
+    """The run's task selection; ``n_val`` > 0 adds validation instances without changing the training sample."""
     assert cfg.data_dir is not None
     return select(
         cfg.data_dir,
@@ -45,6 +46,7 @@ def make_selection(cfg: RunConfig) -> Selection:
         split=cfg.split,
         k_shot=cfg.k_shot,
         tasks=cfg.tasks,
+        n_val=n_val,
     )
 
 

@@ -21,6 +21,7 @@ from .common import make_selection, model_inputs, read_run_config, write_json
 
 PREDICTIONS = "predictions.jsonl"
 METRICS = "metrics.json"
+VAL_METRICS = "val_metrics.json"
 
 
 def load_trained(run: Path):
@@ -81,17 +82,11 @@ def generate(
     return rows, (np.concatenate(weights) if weights else None)
 
 
-def evaluate_run(run: Path, unseen: bool = True, progress: bool = True) -> dict[str, Any]:
-    """Evaluate a trained run on its seen-task test sets (and unseen tasks); write predictions and metrics."""
-    run = Path(run)
-    began = time.time()
-    cfg, loaded, model = load_trained(run)
-    selection = make_selection(cfg)
-    task_index = {name: i for i, name in enumerate(selection.train_tasks)}
-    sets = {"seen": selection.test}
-    if unseen and selection.unseen:
-        sets["unseen"] = selection.unseen
-    result: dict[str, Any] = {"method": cfg.method, "model": cfg.model}
+def score_sets(
+    cfg, loaded, model, sets: dict[str, list[Example]], task_index: dict[str, int], progress: bool
+) -> tuple[dict[str, Any], list[str]]:
+    """Generate on each named set; its metrics (and, for OrchMoE, routing analysis) and the prediction lines."""
+    result: dict[str, Any] = {}
     lines = []
     for name, examples in sets.items():
         rows, weights = generate(
@@ -108,7 +103,38 @@ def evaluate_run(run: Path, unseen: bool = True, progress: bool = True) -> dict[
                 for task in sorted({r["task"] for r in rows})
             }
         lines += [json.dumps({"set": name, **r}) + "\n" for r in rows]
+    return result, lines
+
+
+def evaluate_run(run: Path, unseen: bool = True, progress: bool = True) -> dict[str, Any]:
+    """Evaluate a trained run on its seen-task test sets (and unseen tasks); write predictions and metrics."""
+    run = Path(run)
+    began = time.time()
+    cfg, loaded, model = load_trained(run)
+    selection = make_selection(cfg)
+    task_index = {name: i for i, name in enumerate(selection.train_tasks)}
+    sets = {"seen": selection.test}
+    if unseen and selection.unseen:
+        sets["unseen"] = selection.unseen
+    scores, lines = score_sets(cfg, loaded, model, sets, task_index, progress)
+    result: dict[str, Any] = {"method": cfg.method, "model": cfg.model, **scores}
     result["seconds"] = round(time.time() - began, 2)
     (run / PREDICTIONS).write_text("".join(lines))
     write_json(run / METRICS, result)
+    return result
+
+
+def validate_run(run: Path, n_val: int, progress: bool = True) -> dict[str, Any]:
+    """Score a trained run on ``n_val`` validation instances per training task (never trained on, never tested on:
+    the training sample does not depend on ``n_val``), for choosing hyper-parameters such as the learning rate.
+    Written to ``val_metrics.json``; the test metrics are left alone."""
+    run = Path(run)
+    if n_val < 1:
+        raise ValueError(f"n_val must be >= 1, got {n_val}.")
+    cfg, loaded, model = load_trained(run)
+    selection = make_selection(cfg, n_val=n_val)
+    task_index = {name: i for i, name in enumerate(selection.train_tasks)}
+    scores, _ = score_sets(cfg, loaded, model, {"val": selection.val}, task_index, progress)
+    result = {"method": cfg.method, "model": cfg.model, "n_val": n_val, **scores}
+    write_json(run / VAL_METRICS, result)
     return result
