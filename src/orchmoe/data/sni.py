@@ -155,9 +155,9 @@ def select(
     """Seeded choice of ``n_tasks`` training tasks (or the named ``tasks``) and ``n_unseen`` unseen test tasks.
 
     Per task the test set is its first ``n_test`` instances (fixed); the training sample is ``n_train`` instances
-    drawn, seeded, from the rest. ``n_val`` validation instances per task are the first of the rest that were not
-    drawn for training, so asking for them leaves the training sample unchanged (a learning-rate sweep can score runs
-    trained without them). Same arguments, same selection on any machine.
+    drawn, seeded, from the rest. At most ``n_val`` validation instances per task: the first of the rest that were
+    not drawn for training, so asking for them leaves the training sample unchanged (a learning-rate sweep can score
+    runs trained without them). Same arguments, same selection on any machine.
     """
     data_dir = Path(data_dir)
     train_names, test_names = read_split(data_dir, split)
@@ -195,14 +195,9 @@ def select(
         sample = random.Random(f"{seed}:{name}").sample(rest, min(n_train, len(rest)))
         selection.test += to_examples(task, task.instances[:n_test], k_shot)
         selection.train += to_examples(task, sample, k_shot)
-        if n_val:
+        if n_val:  # at most n_val: a short task whose instances all went to test and training gets fewer (or none)
             drawn = {id(i) for i in sample}  # by identity: a malformed file may repeat an instance id
             held = [i for i in rest if id(i) not in drawn][:n_val]
-            if len(held) < n_val:
-                raise SNIDataError(
-                    f"{data_dir / 'tasks' / (name + '.json')}: {len(task.instances)} instances, too few for "
-                    f"{n_test} test + {n_train} training + {n_val} validation instances."
-                )
             selection.val += to_examples(task, held, k_shot)
     for name in unseen:
         task = read_task(data_dir / "tasks" / f"{name}.json")
