@@ -26,15 +26,19 @@ from orchmoe.pipeline.evaluate import METRICS, evaluate_run, validate_run
 from orchmoe.pipeline.trainer import train
 
 # name -> (peft method, RunConfig changes); "orchmoe-tau4" is the temperature fix found on the built-in suite,
-# "orchmoe-anneal" anneals the Gumbel temperature from 4 to 1 over training (evaluated at 1)
+# "orchmoe-anneal" anneals the Gumbel temperature from 4 to 1 over training (evaluated at 1), "orchmoe-router1" trains
+# the routers at the adapters' learning rate (default: 10x), "orchmoe-t16" has 16 abstract tasks instead of 4
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "orchmoe": ("orchmoe", {}),
     "orchmoe-tau4": ("orchmoe", {"temperature": 4.0}),
     "orchmoe-anneal": ("orchmoe", {"temperature": 4.0, "temperature_end": 1.0}),  # 4 -> 1, geometric per step
+    "orchmoe-router1": ("orchmoe", {"router_lr_multiplier": 1.0}),
+    "orchmoe-t16": ("orchmoe", {"n_abstract_tasks": 16}),
     "lora": ("lora", {}),
     "poly": ("poly", {}),
     "mhr": ("mhr", {}),
 }
+DEFAULT_ROWS = ("orchmoe", "orchmoe-tau4", "orchmoe-anneal", "lora", "poly", "mhr")  # the later attempts: by name
 # ablation name -> RunConfig changes to the sni-10 OrchMoE run
 ABLATIONS: dict[str, dict[str, Any]] = {
     "orchmoe (tau 1)": {},
@@ -123,7 +127,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("runs/quality"))
     parser.add_argument("--parts", nargs="+", default=["sni-10", "sni-many", "ablations", "samples", "lr-sweep"])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--methods", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--methods", nargs="+", default=list(DEFAULT_ROWS), choices=list(VARIANTS))
     parser.add_argument("--n-train", type=int, default=16, help="training instances per task (sni-10)")
     parser.add_argument("--n-test", type=int, default=5, help="test instances per task")
     parser.add_argument("--n-unseen", type=int, default=12, help="unseen tasks from the split's test list")
