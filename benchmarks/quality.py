@@ -22,7 +22,7 @@ from typing import Any
 
 from orchmoe.pipeline.common import prepare_run_dir, read_run_config
 from orchmoe.pipeline.config import PRESETS, RunConfig
-from orchmoe.pipeline.evaluate import METRICS, evaluate_run, validate_run
+from orchmoe.pipeline.evaluate import METRICS, VAL_METRICS, evaluate_run, validate_run
 from orchmoe.pipeline.trainer import train
 
 # name -> (peft method, RunConfig changes); "orchmoe-tau4" is the temperature fix found on the built-in suite,
@@ -62,10 +62,16 @@ def run_one(cfg: RunConfig, out: Path) -> dict[str, Any]:
 
 def validate_one(out: Path, n_val: int) -> float:
     """Validation ROUGE-L of a finished run (kept beside its test metrics, recomputed if n_val changed)."""
-    path = out / "val_metrics.json"
-    if path.is_file() and json.loads(path.read_text())["n_val"] == n_val:
-        return float(json.loads(path.read_text())["val"]["macro"]["rougeL"])
-    return float(validate_run(out, n_val, progress=False)["val"]["macro"]["rougeL"])
+    path = out / VAL_METRICS
+    result = json.loads(path.read_text()) if path.is_file() else None
+    if result is None or result["n_val"] != n_val:
+        result = validate_run(out, n_val, progress=False)
+    return float(result["val"]["macro"]["rougeL"])
+
+
+def macros(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The macro-averaged seen and unseen scores of each run, as quality.json keeps them."""
+    return [{s: r[s]["macro"] for s in ("seen", "unseen")} for r in results]
 
 
 def mean_std(values: list[float]) -> str:
@@ -193,7 +199,7 @@ def main() -> None:
                 rows.setdefault(method, []).append(result)
                 print(f"{part} {method} seed {seed}: seen R-L {result['seen']['macro']['rougeL']:.2f}, unseen R-L "
                       f"{result['unseen']['macro']['rougeL']:.2f}", flush=True)  # fmt: skip
-        report[part] = {m: [{s: r[s]["macro"] for s in ("seen", "unseen")} for r in rs] for m, rs in rows.items()}
+        report[part] = {m: macros(rs) for m, rs in rows.items()}
         n_seeds = len(next(iter(rows.values())))
         label = f"{n_seeds} seeds, mean ± std" if n_seeds > 1 else "one seed"
         markdown += [f"## {part} ({label})", "", table(rows), "", routing_table(rows), ""]
@@ -203,7 +209,7 @@ def main() -> None:
             cfg = config("sni-10", "orchmoe", args.seeds[0], **change)
             slug = name.replace(" ", "-").replace("(", "").replace(")", "")
             rows[name] = [run_one(cfg, sni10_dir(cfg) or args.out / "ablations" / slug)]
-        report["ablations"] = {n: {s: rs[0][s]["macro"] for s in ("seen", "unseen")} for n, rs in rows.items()}
+        report["ablations"] = {n: macros(rs)[0] for n, rs in rows.items()}
         markdown += [f"## Ablations on sni-10 (seed {args.seeds[0]})", "", table(rows), "", routing_table(rows), ""]
     if "samples" in args.parts:
         rows = {}
@@ -216,11 +222,15 @@ def main() -> None:
         markdown += ["## Sample efficiency on sni-10 (seen R-L)", "", table(rows, ("seen",)), ""]
         plot_samples(rows, args.samples, args.out / "samples.png")
     if "lr-sweep" in args.parts:
+
+        def swept(variant: str, cfg: RunConfig) -> Path:
+            return sni10_dir(cfg) or args.out / "lr-sweep" / f"{variant}-lr{cfg.lr:g}-seed{cfg.seed}"
+
         val: dict[str, dict[float, float]] = {}
         for variant in args.sweep_methods:  # the whole sweep first: the choice needs every value
             for lr in args.lrs:
                 cfg = config("sni-10", variant, args.seeds[0], lr=lr)
-                out = sni10_dir(cfg) or args.out / "lr-sweep" / f"{variant}-lr{lr:g}-seed{cfg.seed}"
+                out = swept(variant, cfg)
                 run_one(cfg, out)
                 val.setdefault(variant, {})[lr] = validate_one(out, args.n_val)
                 print(f"lr-sweep {variant} lr {lr:g}: validation R-L {val[variant][lr]:.2f}", flush=True)
@@ -229,9 +239,8 @@ def main() -> None:
         for variant, best in chosen.items():
             for seed in args.seeds:
                 cfg = config("sni-10", variant, seed, lr=best)
-                out = sni10_dir(cfg) or args.out / "lr-sweep" / f"{variant}-lr{best:g}-seed{seed}"
-                rows.setdefault(f"{variant} (lr {best:g})", []).append(run_one(cfg, out))
-        tested = {n: [{s: r[s]["macro"] for s in ("seen", "unseen")} for r in rs] for n, rs in rows.items()}
+                rows.setdefault(f"{variant} (lr {best:g})", []).append(run_one(cfg, swept(variant, cfg)))
+        tested = {n: macros(rs) for n, rs in rows.items()}
         report["lr-sweep"] = {"validation_rougeL": val, "chosen": chosen, "test": tested}
         sweep = ["| method | " + " | ".join(f"val R-L at lr {lr:g}" for lr in args.lrs) + " | chosen |",
                  "|" + "---|" * (len(args.lrs) + 2)]  # fmt: skip

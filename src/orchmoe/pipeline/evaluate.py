@@ -18,6 +18,7 @@ from ..data import Collator, Example, encode
 from ..models import load_model
 from ..tuner.access import get_tuner
 from .common import make_selection, model_inputs, read_run_config, write_json
+from .config import RunConfig
 
 PREDICTIONS = "predictions.jsonl"
 METRICS = "metrics.json"
@@ -83,7 +84,12 @@ def generate(
 
 
 def score_sets(
-    cfg, loaded, model, sets: dict[str, list[Example]], task_index: dict[str, int], progress: bool
+    cfg: RunConfig,
+    loaded,
+    model: torch.nn.Module,
+    sets: dict[str, list[Example]],
+    task_index: dict[str, int],
+    progress: bool,
 ) -> tuple[dict[str, Any], list[str]]:
     """Generate on each named set; its metrics (and, for OrchMoE, routing analysis) and the prediction lines."""
     result: dict[str, Any] = {}

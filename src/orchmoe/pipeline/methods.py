@@ -16,6 +16,7 @@ from torch import nn
 
 from ..tuner import OrchMoEConfig
 from ..tuner.access import get_tuner
+from ..tuner.router import SkillRouter
 from .config import RunConfig
 
 PARITY_TOLERANCE = 0.02
@@ -134,5 +135,5 @@ def set_temperature(model: nn.Module, temperature: float) -> None:
     for config in tuner.peft_config.values():
         config.temperature = temperature
     for module in tuner.modules():
-        if hasattr(module, "temperature") and hasattr(module, "relaxation"):
+        if isinstance(module, SkillRouter):
             module.temperature = temperature
