@@ -27,13 +27,18 @@ from orchmoe.pipeline.trainer import train
 
 # name -> (peft method, RunConfig changes); "orchmoe-tau4" is the temperature fix found on the built-in suite,
 # "orchmoe-anneal" anneals the Gumbel temperature from 4 to 1 over training (evaluated at 1), "orchmoe-router1" trains
-# the routers at the adapters' learning rate (default: 10x), "orchmoe-t16" has 16 abstract tasks instead of 4
+# the routers at the adapters' learning rate (default: 10x), "orchmoe-t16" has 16 abstract tasks instead of 4,
+# "orchmoe-z1"/"-z3" are orchmoe-router1 with the allocation logits Z initialised in [-1, 1] / [-3, 3] (default 1e-3)
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "orchmoe": ("orchmoe", {}),
     "orchmoe-tau4": ("orchmoe", {"temperature": 4.0}),
     "orchmoe-anneal": ("orchmoe", {"temperature": 4.0, "temperature_end": 1.0}),  # 4 -> 1, geometric per step
     "orchmoe-router1": ("orchmoe", {"router_lr_multiplier": 1.0}),
     "orchmoe-t16": ("orchmoe", {"n_abstract_tasks": 16}),
+    "orchmoe-z1": ("orchmoe", {"router_lr_multiplier": 1.0, "allocation_init": 1.0}),
+    "orchmoe-z3": ("orchmoe", {"router_lr_multiplier": 1.0, "allocation_init": 3.0}),
+    "orchmoe-z3-t16": ("orchmoe", {"router_lr_multiplier": 1.0, "allocation_init": 3.0, "n_abstract_tasks": 16}),
+    "orchmoe-z3-router10": ("orchmoe", {"allocation_init": 3.0}),
     "lora": ("lora", {}),
     "poly": ("poly", {}),
     "mhr": ("mhr", {}),

@@ -71,6 +71,16 @@ def test_skill_router_rows(relaxation: str, scale: bool) -> None:
         assert torch.allclose(alpha.sum(-1), torch.full((4,), 5.0 if scale else 1.0), atol=1e-4)
 
 
+@pytest.mark.parametrize("init", [1e-3, 1.0, 3.0])
+def test_allocation_init_sets_the_range_of_z(init: float) -> None:
+    torch.manual_seed(0)
+    router = SkillRouter(OrchMoEConfig(n_tasks=16, n_skills=16, allocation_init=init))
+    z = router.logits.detach()
+    assert z.abs().max() <= init and z.abs().max() > 0.8 * init  # uniform in [-a, a], 256 draws
+    spread = router.allocation(stochastic=False).max(dim=-1).values.mean()  # mean row max of softmax(Z)
+    assert (spread < 1 / 16 + 0.01) == (init < 0.1)  # only a large init starts abstract tasks at distinct mixes
+
+
 def test_low_temperature_sharpens_the_allocation() -> None:
     torch.manual_seed(0)
     sharp = SkillRouter(OrchMoEConfig(n_tasks=2, n_skills=4, temperature=0.05))

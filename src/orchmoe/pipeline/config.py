@@ -51,6 +51,7 @@ class RunConfig:
     lora_alpha: float = field(default=16.0, metadata={"help": "LoRA alpha for LoRA and OrchMoE."})
     target_modules: list[str] | None = field(default=None, metadata={"help": "Adapted modules (default per model)."})
     temperature: float = field(default=1.0, metadata={"help": "OrchMoE Gumbel temperature (start)."})
+    allocation_init: float = field(default=1e-3, metadata={"help": "OrchMoE: Z starts uniform in [-a, a]."})
     temperature_end: float | None = field(default=None, metadata={"help": "Anneal the temperature to this value."})
     skill_relaxation: str = field(default="gumbel_softmax", metadata={"help": "gumbel_softmax or gumbel_sigmoid."})
     router_mi_weight: float = field(default=0.1, metadata={"help": "OrchMoE router MI weight lambda."})

@@ -55,6 +55,7 @@ def peft_config(method: str, model: nn.Module, cfg: RunConfig, n_train_tasks: in
         target_modules=targets,
         task_type=task_type,
         temperature=cfg.temperature,
+        allocation_init=cfg.allocation_init,
         skill_relaxation=cfg.skill_relaxation,
         router_mi_weight=cfg.router_mi_weight,
         router_norm=cfg.router_norm,

@@ -49,6 +49,13 @@ class OrchMoEConfig(PeftConfig):
     temperature: float = field(
         default=1.0, metadata={"help": "Temperature tau of the Skill Router relaxation: softmax((Z + g) / tau)."}
     )
+    allocation_init: float = field(
+        default=1e-3,
+        metadata={
+            "help": "Z starts uniform in [-a, a]. 1e-3 (as Poly) starts every abstract task at a near-uniform skill "
+            "mix; a value of order 1 gives each abstract task its own random skill mix from the first step."
+        },
+    )
     skill_relaxation: SkillRelaxation = field(
         default="gumbel_softmax",
         metadata={
@@ -109,6 +116,8 @@ class OrchMoEConfig(PeftConfig):
                 raise ValueError(f"OrchMoEConfig.{name} must be an integer >= 1, got {value!r}.")
         if self.temperature <= 0:
             raise ValueError(f"OrchMoEConfig.temperature must be > 0, got {self.temperature!r}.")
+        if self.allocation_init < 0:
+            raise ValueError(f"OrchMoEConfig.allocation_init must be >= 0, got {self.allocation_init!r}.")
         if not 0.0 <= self.lora_dropout < 1.0:
             raise ValueError(f"OrchMoEConfig.lora_dropout must be in [0, 1), got {self.lora_dropout!r}.")
         if self.router_mi_weight < 0:

@@ -129,6 +129,7 @@ class SkillRouter(nn.Module):
         self.temperature = config.temperature
         self.scale = float(config.n_skills) if config.scale_by_skills else 1.0
         self.uniform = config.skill_router == "uniform"
+        self.init_range = config.allocation_init
         logits = torch.zeros(config.n_tasks, config.n_skills)  # Z: (T, S)
         if self.uniform:  # a buffer: nothing to train, and peft's set_adapter cannot turn it trainable
             self.register_buffer("logits", logits)
@@ -137,7 +138,7 @@ class SkillRouter(nn.Module):
             self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        nn.init.uniform_(self.logits, -1e-3, 1e-3)
+        nn.init.uniform_(self.logits, -self.init_range, self.init_range)
 
     def allocation(self, stochastic: bool) -> torch.Tensor:
         """The relaxed allocation z: each abstract task's row sums to 1: (T, S)."""
