@@ -22,7 +22,14 @@ from typing import Any
 
 from orchmoe.pipeline.common import prepare_run_dir, read_run_config
 from orchmoe.pipeline.config import PRESETS, RunConfig
-from orchmoe.pipeline.evaluate import METRICS, VAL_METRICS, evaluate_run, validate_run
+from orchmoe.pipeline.evaluate import (
+    EXTENDED_METRICS,
+    METRICS,
+    VAL_METRICS,
+    evaluate_extended,
+    evaluate_run,
+    validate_run,
+)
 from orchmoe.pipeline.trainer import train
 
 # name -> (peft method, RunConfig changes); "orchmoe-tau4" is the temperature fix found on the built-in suite,
@@ -72,6 +79,15 @@ def validate_one(out: Path, n_val: int) -> float:
     if result is None or result["n_val"] != n_val:
         result = validate_run(out, n_val, progress=False)
     return float(result["val"]["macro"]["rougeL"])
+
+
+def extend_one(out: Path, n_val: int, n_extra: int) -> dict[str, Any]:
+    """A finished run re-scored on its test instances plus at most n_extra more per task (kept; redone if changed)."""
+    path = out / EXTENDED_METRICS
+    result = json.loads(path.read_text()) if path.is_file() else None
+    if result is None or (result["n_val"], result["n_extra"]) != (n_val, n_extra):
+        result = evaluate_extended(out, n_val, n_extra, progress=False)
+    return result
 
 
 def macros(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -150,6 +166,12 @@ def main() -> None:
     parser.add_argument("--samples", type=int, nargs="+", default=[8, 16, 32])
     parser.add_argument("--lrs", type=float, nargs="+", default=[3e-4, 1e-3, 3e-3], help="lr-sweep values")
     parser.add_argument("--n-val", type=int, default=5, help="lr-sweep validation instances per training task")
+    parser.add_argument(
+        "--n-extra",
+        type=int,
+        default=0,
+        help="lr-sweep: also re-score the chosen-lr runs on up to this many more test instances per task",
+    )
     parser.add_argument("--sweep-methods", nargs="+", default=["orchmoe", "lora", "poly", "mhr"], choices=VARIANTS)
     parser.add_argument("--epochs", type=float, default=2.0)
     parser.add_argument("--lr", type=float, default=1e-3)
@@ -254,6 +276,19 @@ def main() -> None:
         title = f"## Learning-rate sweep (sni-10 seed {args.seeds[0]}, {args.n_val} validation instances per task)"
         markdown += [title, "", "\n".join(sweep), "", f"### Each method at its chosen lr ({len(args.seeds)} seeds)",
                      "", table(rows), "", routing_table(rows), ""]  # fmt: skip
+        if args.n_extra:
+            extended = {}
+            for variant, best in chosen.items():
+                for seed in args.seeds:
+                    out = swept(variant, config("sni-10", variant, seed, lr=best))
+                    extended.setdefault(f"{variant} (lr {best:g})", []).append(
+                        extend_one(out, args.n_val, args.n_extra)
+                    )
+            report["lr-sweep"]["extended"] = {n: macros(rs) for n, rs in extended.items()}
+            size = next(iter(extended.values()))[0]["n_examples"]  # the same sets for every method of a seed
+            markdown += [f"### The same runs on a larger test set (up to {args.n_extra} more instances per task)", "",
+                         f"Seed {args.seeds[0]}: {size['seen']} seen, {size['unseen']} unseen test examples.", "",
+                         table(extended), "", routing_table(extended), ""]  # fmt: skip
     (args.out / "quality.json").write_text(json.dumps(report, indent=1))
     (args.out / "quality.md").write_text("\n".join(markdown))
     print("\n".join(markdown))

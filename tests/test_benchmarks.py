@@ -74,7 +74,7 @@ def test_quality_benchmark_on_the_builtin_suite(tmp_path: Path) -> None:
 
 def test_quality_learning_rate_sweep_picks_on_validation(tmp_path: Path) -> None:
     out = quality(tmp_path, "--parts", "sni-10", "lr-sweep", "--methods", "lora", "--sweep-methods", "lora",
-                  "--lrs", "1e-3", "1e-1", "--n-val", "2")  # fmt: skip
+                  "--lrs", "1e-3", "1e-1", "--n-val", "2", "--n-extra", "3")  # fmt: skip
     report = json.loads((out / "quality.json").read_text())["lr-sweep"]
     val = report["validation_rougeL"]["lora"]
     best = max(val, key=val.__getitem__)
@@ -84,3 +84,11 @@ def test_quality_learning_rate_sweep_picks_on_validation(tmp_path: Path) -> None
     assert sorted(p.name for p in (out / "lr-sweep").iterdir())[0] == "lora-lr0.1-seed0"
     assert json.loads((out / "lr-sweep" / "lora-lr0.1-seed0" / "val_metrics.json").read_text())["n_val"] == 2
     assert "## Learning-rate sweep" in (out / "quality.md").read_text()
+    # the chosen-lr runs re-scored on a larger test set: a superset of the test set, disjoint from validation
+    run = out / ("sni-10/lora-seed0" if float(best) == 1e-3 else "lr-sweep/lora-lr0.1-seed0")
+    extended = json.loads((run / "extended_metrics.json").read_text())
+    sets = [json.loads(line)["set"] for line in (run / "predictions.jsonl").read_text().splitlines()]
+    assert extended["n_examples"]["seen"] > sets.count("seen") and extended["n_examples"]["unseen"] > sets.count(
+        "unseen"
+    )
+    assert len(report["extended"][f"lora (lr {float(best):g})"]) == 2

@@ -77,6 +77,22 @@ def test_validation_instances_leave_the_training_sample_alone(data_dir: Path) ->
     assert short.train == select(data_dir, n_tasks=3, n_train=5, n_test=2, seed=1).train and len(short.val) == 3
 
 
+@pytest.mark.parametrize(("n_val", "n_extra", "per_task"), [(1, 1, 1), (1, 5, 2), (0, 2, 2), (2, 1, 1)])
+def test_extra_test_instances_leave_the_training_sample_and_validation_alone(
+    data_dir: Path, n_val: int, n_extra: int, per_task: int
+) -> None:
+    plain = select(data_dir, n_tasks=3, n_train=3, n_test=2, seed=1, n_unseen=1, n_val=n_val)
+    more = select(data_dir, n_tasks=3, n_train=3, n_test=2, seed=1, n_unseen=1, n_val=n_val, n_extra=n_extra)
+    assert (more.train, more.test, more.val, more.unseen) == (plain.train, plain.test, plain.val, plain.unseen)
+    assert plain.extra_test == [] and plain.extra_unseen == []
+    for name in more.train_tasks:  # 8 instances: 2 test + 3 train leave 3 for validation and extra
+        extra = {e.id for e in more.extra_test if e.task == name}
+        used = {e.id for e in more.train + more.test + more.val if e.task == name}
+        assert len(extra) == per_task and not used & extra
+    unseen_ids = [e.id for e in more.extra_unseen]
+    assert unseen_ids == [f"i{i}" for i in range(2, 2 + min(n_extra, 6))]  # the unseen task's next instances
+
+
 def test_named_tasks(data_dir: Path) -> None:
     sel = select(data_dir, n_tasks=0, n_train=3, n_test=2, tasks=["task001_t", "task003_t"])
     assert sel.train_tasks == ["task001_t", "task003_t"]

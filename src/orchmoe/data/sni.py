@@ -55,6 +55,8 @@ class Selection:
     test: list[Example] = field(default_factory=list)
     unseen: list[Example] = field(default_factory=list)
     val: list[Example] = field(default_factory=list)  # from the training tasks, disjoint from train and test
+    extra_test: list[Example] = field(default_factory=list)  # training tasks, disjoint from train, test and val
+    extra_unseen: list[Example] = field(default_factory=list)  # unseen tasks, after their test instances
     missing_from_split: int = 0  # tasks listed by the split but absent from tasks/ (a partial clone)
 
 
@@ -151,13 +153,17 @@ def select(
     k_shot: int = 0,
     tasks: list[str] | None = None,
     n_val: int = 0,
+    n_extra: int = 0,
 ) -> Selection:
     """Seeded choice of ``n_tasks`` training tasks (or the named ``tasks``) and ``n_unseen`` unseen test tasks.
 
     Per task the test set is its first ``n_test`` instances (fixed); the training sample is ``n_train`` instances
     drawn, seeded, from the rest. At most ``n_val`` validation instances per task: the first of the rest that were
     not drawn for training, so asking for them leaves the training sample unchanged (a learning-rate sweep can score
-    runs trained without them). Same arguments, same selection on any machine.
+    runs trained without them). At most ``n_extra`` more test instances per task, also without touching the training
+    sample: for a training task the held instances after the first ``n_val``, for an unseen task the ones after its
+    first ``n_test``; trained runs can so be re-scored on a larger test set. Same arguments, same selection on any
+    machine.
     """
     data_dir = Path(data_dir)
     train_names, test_names = read_split(data_dir, split)
@@ -195,11 +201,13 @@ def select(
         sample = random.Random(f"{seed}:{name}").sample(rest, min(n_train, len(rest)))
         selection.test += to_examples(task, task.instances[:n_test], k_shot)
         selection.train += to_examples(task, sample, k_shot)
-        if n_val:  # at most n_val: a short task whose instances all went to test and training gets fewer (or none)
-            drawn = {id(i) for i in sample}  # by identity: a malformed file may repeat an instance id
-            held = [i for i in rest if id(i) not in drawn][:n_val]
-            selection.val += to_examples(task, held, k_shot)
+        # at most n_val / n_extra: a short task whose instances all went to test and training gets fewer (or none)
+        drawn = {id(i) for i in sample}  # by identity: a malformed file may repeat an instance id
+        held = [i for i in rest if id(i) not in drawn]
+        selection.val += to_examples(task, held[:n_val], k_shot)
+        selection.extra_test += to_examples(task, held[n_val : n_val + n_extra], k_shot)
     for name in unseen:
         task = read_task(data_dir / "tasks" / f"{name}.json")
         selection.unseen += to_examples(task, task.instances[:n_test], k_shot)
+        selection.extra_unseen += to_examples(task, task.instances[n_test : n_test + n_extra], k_shot)
     return selection

@@ -33,8 +33,9 @@ def resolve_data_dir(cfg: RunConfig, out: Path) -> RunConfig:
     return cfg
 
 
-def make_selection(cfg: RunConfig, n_val: int = 0) -> Selection:
-    """The run's task selection; ``n_val`` > 0 adds validation instances without changing the training sample."""
+def make_selection(cfg: RunConfig, n_val: int = 0, n_extra: int = 0) -> Selection:
+    """The run's task selection; ``n_val`` > 0 adds validation instances, ``n_extra`` > 0 more test instances, neither
+    changing the training sample."""
     assert cfg.data_dir is not None
     return select(
         cfg.data_dir,
@@ -47,6 +48,7 @@ def make_selection(cfg: RunConfig, n_val: int = 0) -> Selection:
         k_shot=cfg.k_shot,
         tasks=cfg.tasks,
         n_val=n_val,
+        n_extra=n_extra,
     )
 
 

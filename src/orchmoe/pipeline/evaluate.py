@@ -23,6 +23,7 @@ from .config import RunConfig
 PREDICTIONS = "predictions.jsonl"
 METRICS = "metrics.json"
 VAL_METRICS = "val_metrics.json"
+EXTENDED_METRICS = "extended_metrics.json"
 
 
 def load_trained(run: Path):
@@ -143,4 +144,22 @@ def validate_run(run: Path, n_val: int, progress: bool = True) -> dict[str, Any]
     scores, _ = score_sets(cfg, loaded, model, {"val": selection.val}, task_index, progress)
     result = {"method": cfg.method, "model": cfg.model, "n_val": n_val, **scores}
     write_json(run / VAL_METRICS, result)
+    return result
+
+
+def evaluate_extended(run: Path, n_val: int, n_extra: int, progress: bool = True) -> dict[str, Any]:
+    """Score a trained run on a larger test set: each task's test instances plus at most ``n_extra`` more that were
+    never trained on and are not among the first ``n_val`` validation instances (so a learning rate chosen on those
+    is not tested on them). Written to ``extended_metrics.json``; the test metrics are left alone."""
+    run = Path(run)
+    if n_extra < 1:
+        raise ValueError(f"n_extra must be >= 1, got {n_extra}.")
+    cfg, loaded, model = load_trained(run)
+    selection = make_selection(cfg, n_val=n_val, n_extra=n_extra)
+    task_index = {name: i for i, name in enumerate(selection.train_tasks)}
+    sets = {"seen": selection.test + selection.extra_test, "unseen": selection.unseen + selection.extra_unseen}
+    scores, _ = score_sets(cfg, loaded, model, {k: v for k, v in sets.items() if v}, task_index, progress)
+    result = {"method": cfg.method, "model": cfg.model, "n_val": n_val, "n_extra": n_extra, **scores}
+    result["n_examples"] = {k: len(v) for k, v in sets.items()}
+    write_json(run / EXTENDED_METRICS, result)
     return result
