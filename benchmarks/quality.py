@@ -7,8 +7,10 @@ Parts: ``sni-10`` (10 random training tasks), ``sni-many`` (as many training tas
 100), ``ablations`` (OrchMoE variants on sni-10, seed 0), ``samples`` (ROUGE-L against training instances per task),
 ``lr-sweep`` (every method gets the same learning rates on sni-10 seed 0, scored on validation instances of the
 training tasks; each method's best is then run with every seed and tested).
-Every run also evaluates the split's test tasks (never trained on) as the unseen set. Each finished run is kept under
-``--out`` and skipped when the script is run again, so an interrupted benchmark resumes where it stopped.
+``--n-extra N`` also re-scores the lr-sweep's chosen-lr runs, without retraining, on up to N more test instances per
+task (never trained on, not the validation ones). Every run also evaluates the split's test tasks (never trained on)
+as the unseen set. Each finished run is kept under ``--out`` and skipped when the script is run again, so an
+interrupted benchmark resumes where it stopped.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "orchmoe-anneal": ("orchmoe", {"temperature": 4.0, "temperature_end": 1.0}),  # 4 -> 1, geometric per step
     "orchmoe-router1": ("orchmoe", {"router_lr_multiplier": 1.0}),
     "orchmoe-t16": ("orchmoe", {"n_abstract_tasks": 16}),
+    "orchmoe-router1-tau4": ("orchmoe", {"router_lr_multiplier": 1.0, "temperature": 4.0}),
     "orchmoe-z1": ("orchmoe", {"router_lr_multiplier": 1.0, "allocation_init": 1.0}),
     "orchmoe-z3": ("orchmoe", {"router_lr_multiplier": 1.0, "allocation_init": 3.0}),
     "orchmoe-z3-t16": ("orchmoe", {"router_lr_multiplier": 1.0, "allocation_init": 3.0, "n_abstract_tasks": 16}),
