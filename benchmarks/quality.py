@@ -38,6 +38,7 @@ from orchmoe.pipeline.trainer import train
 # "orchmoe-anneal" anneals the Gumbel temperature from 4 to 1 over training (evaluated at 1), "orchmoe-router1" trains
 # the routers at the adapters' learning rate (default: 10x), "orchmoe-t16" has 16 abstract tasks instead of 4,
 # "orchmoe-z1"/"-z3" are orchmoe-router1 with the allocation logits Z initialised in [-1, 1] / [-3, 3] (default 1e-3)
+# ("-t16": 16 abstract tasks, "-router10": routers at 10x), "orchmoe-router1-tau4" is orchmoe-router1 at temperature 4
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "orchmoe": ("orchmoe", {}),
     "orchmoe-tau4": ("orchmoe", {"temperature": 4.0}),
