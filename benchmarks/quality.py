@@ -19,6 +19,7 @@ import argparse
 import dataclasses
 import json
 import statistics
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -76,22 +77,24 @@ def run_one(cfg: RunConfig, out: Path) -> dict[str, Any]:
     return json.loads((out / METRICS).read_text())
 
 
-def validate_one(out: Path, n_val: int) -> float:
-    """Validation ROUGE-L of a finished run (kept beside its test metrics, recomputed if n_val changed)."""
-    path = out / VAL_METRICS
+def rescored(path: Path, settings: dict[str, int], score: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """A run's extra scores kept in ``path`` beside its test metrics; ``score()`` again if made with other settings."""
     result = json.loads(path.read_text()) if path.is_file() else None
-    if result is None or result["n_val"] != n_val:
-        result = validate_run(out, n_val, progress=False)
+    if result is None or any(result[k] != v for k, v in settings.items()):
+        result = score()
+    return result
+
+
+def validate_one(out: Path, n_val: int) -> float:
+    """Validation ROUGE-L of a finished run."""
+    result = rescored(out / VAL_METRICS, {"n_val": n_val}, lambda: validate_run(out, n_val, progress=False))
     return float(result["val"]["macro"]["rougeL"])
 
 
 def extend_one(out: Path, n_val: int, n_extra: int) -> dict[str, Any]:
-    """A finished run re-scored on its test instances plus at most n_extra more per task (kept; redone if changed)."""
-    path = out / EXTENDED_METRICS
-    result = json.loads(path.read_text()) if path.is_file() else None
-    if result is None or (result["n_val"], result["n_extra"]) != (n_val, n_extra):
-        result = evaluate_extended(out, n_val, n_extra, progress=False)
-    return result
+    """A finished run re-scored on its test instances plus at most n_extra more per task."""
+    return rescored(out / EXTENDED_METRICS, {"n_val": n_val, "n_extra": n_extra},
+                    lambda: evaluate_extended(out, n_val, n_extra, progress=False))  # fmt: skip
 
 
 def macros(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -266,11 +269,13 @@ def main() -> None:
                 val.setdefault(variant, {})[lr] = validate_one(out, args.n_val)
                 print(f"lr-sweep {variant} lr {lr:g}: validation R-L {val[variant][lr]:.2f}", flush=True)
         chosen = {variant: max(scores, key=scores.__getitem__) for variant, scores in val.items()}
-        rows = {}
+        rows, dirs = {}, {}
         for variant, best in chosen.items():
             for seed in args.seeds:
                 cfg = config("sni-10", variant, seed, lr=best)
-                rows.setdefault(f"{variant} (lr {best:g})", []).append(run_one(cfg, swept(variant, cfg)))
+                name, out = f"{variant} (lr {best:g})", swept(variant, cfg)
+                rows.setdefault(name, []).append(run_one(cfg, out))
+                dirs.setdefault(name, []).append(out)
         tested = {n: macros(rs) for n, rs in rows.items()}
         report["lr-sweep"] = {"validation_rougeL": val, "chosen": chosen, "test": tested}
         sweep = ["| method | " + " | ".join(f"val R-L at lr {lr:g}" for lr in args.lrs) + " | chosen |",
@@ -281,13 +286,9 @@ def main() -> None:
         markdown += [title, "", "\n".join(sweep), "", f"### Each method at its chosen lr ({len(args.seeds)} seeds)",
                      "", table(rows), "", routing_table(rows), ""]  # fmt: skip
         if args.n_extra:
-            extended = {}
-            for variant, best in chosen.items():
-                for seed in args.seeds:
-                    out = swept(variant, config("sni-10", variant, seed, lr=best))
-                    extended.setdefault(f"{variant} (lr {best:g})", []).append(
-                        extend_one(out, args.n_val, args.n_extra)
-                    )
+            extended = {
+                name: [extend_one(out, args.n_val, args.n_extra) for out in outs] for name, outs in dirs.items()
+            }
             report["lr-sweep"]["extended"] = {n: macros(rs) for n, rs in extended.items()}
             size = next(iter(extended.values()))[0]["n_examples"]  # the same sets for every method of a seed
             markdown += [f"### The same runs on a larger test set (up to {args.n_extra} more instances per task)", "",

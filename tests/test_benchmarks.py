@@ -88,7 +88,6 @@ def test_quality_learning_rate_sweep_picks_on_validation(tmp_path: Path) -> None
     run = out / ("sni-10/lora-seed0" if float(best) == 1e-3 else "lr-sweep/lora-lr0.1-seed0")
     extended = json.loads((run / "extended_metrics.json").read_text())
     sets = [json.loads(line)["set"] for line in (run / "predictions.jsonl").read_text().splitlines()]
-    assert extended["n_examples"]["seen"] > sets.count("seen") and extended["n_examples"]["unseen"] > sets.count(
-        "unseen"
-    )
+    sizes = extended["n_examples"]
+    assert sizes["seen"] > sets.count("seen") and sizes["unseen"] > sets.count("unseen")
     assert len(report["extended"][f"lora (lr {float(best):g})"]) == 2

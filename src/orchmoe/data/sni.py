@@ -59,6 +59,11 @@ class Selection:
     extra_unseen: list[Example] = field(default_factory=list)  # unseen tasks, after their test instances
     missing_from_split: int = 0  # tasks listed by the split but absent from tasks/ (a partial clone)
 
+    @property
+    def task_index(self) -> dict[str, int]:
+        """Each training task's row (Poly/MHR task id): its position in ``train_tasks``."""
+        return {name: i for i, name in enumerate(self.train_tasks)}
+
 
 def _text(value: object, path: Path, what: str) -> str:
     if isinstance(value, list):

@@ -119,11 +119,10 @@ def evaluate_run(run: Path, unseen: bool = True, progress: bool = True) -> dict[
     began = time.time()
     cfg, loaded, model = load_trained(run)
     selection = make_selection(cfg)
-    task_index = {name: i for i, name in enumerate(selection.train_tasks)}
     sets = {"seen": selection.test}
     if unseen and selection.unseen:
         sets["unseen"] = selection.unseen
-    scores, lines = score_sets(cfg, loaded, model, sets, task_index, progress)
+    scores, lines = score_sets(cfg, loaded, model, sets, selection.task_index, progress)
     result: dict[str, Any] = {"method": cfg.method, "model": cfg.model, **scores}
     result["seconds"] = round(time.time() - began, 2)
     (run / PREDICTIONS).write_text("".join(lines))
@@ -140,8 +139,7 @@ def validate_run(run: Path, n_val: int, progress: bool = True) -> dict[str, Any]
         raise ValueError(f"n_val must be >= 1, got {n_val}.")
     cfg, loaded, model = load_trained(run)
     selection = make_selection(cfg, n_val=n_val)
-    task_index = {name: i for i, name in enumerate(selection.train_tasks)}
-    scores, _ = score_sets(cfg, loaded, model, {"val": selection.val}, task_index, progress)
+    scores, _ = score_sets(cfg, loaded, model, {"val": selection.val}, selection.task_index, progress)
     result = {"method": cfg.method, "model": cfg.model, "n_val": n_val, **scores}
     write_json(run / VAL_METRICS, result)
     return result
@@ -156,9 +154,8 @@ def evaluate_extended(run: Path, n_val: int, n_extra: int, progress: bool = True
         raise ValueError(f"n_extra must be >= 1, got {n_extra}.")
     cfg, loaded, model = load_trained(run)
     selection = make_selection(cfg, n_val=n_val, n_extra=n_extra)
-    task_index = {name: i for i, name in enumerate(selection.train_tasks)}
     sets = {"seen": selection.test + selection.extra_test, "unseen": selection.unseen + selection.extra_unseen}
-    scores, _ = score_sets(cfg, loaded, model, {k: v for k, v in sets.items() if v}, task_index, progress)
+    scores, _ = score_sets(cfg, loaded, model, {k: v for k, v in sets.items() if v}, selection.task_index, progress)
     result = {"method": cfg.method, "model": cfg.model, "n_val": n_val, "n_extra": n_extra, **scores}
     result["n_examples"] = {k: len(v) for k, v in sets.items()}
     write_json(run / EXTENDED_METRICS, result)

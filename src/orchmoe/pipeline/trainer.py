@@ -131,7 +131,7 @@ def train(cfg: RunConfig, out: Path, resume: bool = False, overwrite: bool = Fal
     set_seed(cfg.seed)
     selection = make_selection(cfg)
     encoded, truncation = encode(selection.train, loaded.tokenizer, cfg.max_input_tokens, cfg.max_target_tokens)
-    task_index = {name: i for i, name in enumerate(selection.train_tasks)}
+    task_index = selection.task_index
     model = build(cfg.method, loaded.model, cfg, len(selection.train_tasks))
     counts = count_parameters(model)
     model.train()
