@@ -40,6 +40,13 @@ class RunConfig:
     max_steps: int | None = field(default=None, metadata={"help": "Stop after this many optimizer steps."})
     lr: float = field(default=1e-3, metadata={"help": "Learning rate of the adapters."})
     router_lr_multiplier: float = field(default=10.0, metadata={"help": "Router learning rate / adapter lr."})
+    allocation_lr: float | None = field(
+        default=None,
+        metadata={
+            "help": "Absolute lr of the task-skill logits (OrchMoE's Z, Poly/MHR's module logits), like mttl's "
+            "module_logits_learning_rate; None = lr * router multiplier."
+        },
+    )
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay."})
     warmup_ratio: float = field(default=0.0, metadata={"help": "Linear warmup, fraction of the steps."})
     schedule: str = field(default="linear", metadata={"help": "linear (decay to 0) or constant."})
@@ -75,6 +82,8 @@ class RunConfig:
             raise ValueError(f"--schedule must be linear or constant, got {self.schedule!r}.")
         if self.lr <= 0:
             raise ValueError(f"--lr must be > 0, got {self.lr}.")
+        if self.allocation_lr is not None and self.allocation_lr <= 0:
+            raise ValueError(f"--allocation-lr must be > 0 (or unset), got {self.allocation_lr}.")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

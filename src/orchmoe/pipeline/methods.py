@@ -70,8 +70,13 @@ def build(method: str, base: nn.Module, cfg: RunConfig, n_train_tasks: int) -> P
     return get_peft_model(base, peft_config(method, base, cfg, n_train_tasks))
 
 
+def is_allocation_param(name: str) -> bool:
+    """Task-skill logits: OrchMoE's allocation Z (per module or shared), Poly/MHR's module logits."""
+    return "skill_router" in name or "poly_router" in name
+
+
 def is_router_param(name: str) -> bool:
-    return "orchmoe_task_router" in name or "skill_router" in name or "poly_router" in name
+    return "orchmoe_task_router" in name or is_allocation_param(name)
 
 
 @dataclass
@@ -109,15 +114,25 @@ def check_parity(counts: dict[str, ParamCounts]) -> None:
             )
 
 
-def optimizer_groups(model: nn.Module, lr: float, router_lr_multiplier: float, weight_decay: float) -> list[dict]:
-    """Adapters at ``lr``; router parameters at ``lr * router_lr_multiplier`` (no weight decay on routers)."""
-    adapters, routers = [], []
+def optimizer_groups(
+    model: nn.Module, lr: float, router_lr_multiplier: float, weight_decay: float, allocation_lr: float | None = None
+) -> list[dict]:
+    """Adapters at ``lr``; router parameters at ``lr * router_lr_multiplier``, except the task-skill logits at
+    ``allocation_lr`` when it is given (an absolute value, as mttl's ``module_logits_learning_rate``). No weight decay
+    on routers."""
+    adapters, routers, allocation = [], [], []
     for name, p in model.named_parameters():
-        if p.requires_grad:
+        if not p.requires_grad:
+            continue
+        if allocation_lr is not None and is_allocation_param(name):
+            allocation.append(p)
+        else:
             (routers if is_router_param(name) else adapters).append(p)
     groups = [{"params": adapters, "lr": lr, "weight_decay": weight_decay, "name": "adapters"}]
     if routers:
         groups.append({"params": routers, "lr": lr * router_lr_multiplier, "weight_decay": 0.0, "name": "routers"})
+    if allocation:
+        groups.append({"params": allocation, "lr": allocation_lr, "weight_decay": 0.0, "name": "allocation"})
     return groups
 
 

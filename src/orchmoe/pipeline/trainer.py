@@ -139,7 +139,9 @@ def train(cfg: RunConfig, out: Path, resume: bool = False, overwrite: bool = Fal
         raise ValueError(f"{type(loaded.model).__name__} has no `logits_to_keep`; use a recent transformers model.")
 
     steps = total_steps(cfg, len(encoded))
-    optimizer = torch.optim.AdamW(optimizer_groups(model, cfg.lr, cfg.router_lr_multiplier, cfg.weight_decay))
+    optimizer = torch.optim.AdamW(
+        optimizer_groups(model, cfg.lr, cfg.router_lr_multiplier, cfg.weight_decay, cfg.allocation_lr)
+    )
     warmup = int(cfg.warmup_ratio * steps)
     if cfg.schedule == "linear":
         scheduler = get_linear_schedule_with_warmup(optimizer, warmup, steps)
