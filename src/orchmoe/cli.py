@@ -87,6 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", category=FutureWarning)
     logging.getLogger("transformers").setLevel(logging.ERROR)
     progress = not args.quiet
+    finished = False
     try:
         if args.command == "train":
             from .pipeline.trainer import train
@@ -115,11 +116,26 @@ def main(argv: list[str] | None = None) -> int:
             path = export_run(args.run, args.out, task=args.task, abstract_task=args.abstract_task,
                               prompt=args.prompt, overwrite=args.overwrite)  # fmt: skip
             print(f"wrote a PEFT LoRA adapter to {path}")
+        finished = True
     except (ValueError, FileNotFoundError, RuntimeError) as err:
         message = " ".join(str(err).split())  # one line, whatever the library wrote
         print(f"orchmoe {args.command}: error: {message}", file=sys.stderr)
         return 2
+    finally:
+        close_process_group(synchronize=finished)
     return 0
+
+
+def close_process_group(synchronize: bool) -> None:
+    """End of an `accelerate launch`ed process: destroy its process group, once, while the interpreter is still alive
+    (without it Gloo's threads can hang the exit of one rank, pytorch/pytorch#179291). ``synchronize``: barrier first
+    (normal exit; not after an error, where the other ranks may never reach it)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        if synchronize:
+            dist.barrier()
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
