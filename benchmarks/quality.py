@@ -53,7 +53,6 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "orchmoe-z3-router10": ("orchmoe", {"allocation_init": 3.0}),
     # the task-skill logits at mttl's absolute module_logits_learning_rate (0.1), for OrchMoE and the baselines alike
     "orchmoe-alloc": ("orchmoe", {"router_lr_multiplier": 1.0, "allocation_lr": 0.1}),
-    "orchmoe-alloc-r10": ("orchmoe", {"allocation_lr": 0.1}),
     "poly-alloc": ("poly", {"allocation_lr": 0.1}),
     "mhr-alloc": ("mhr", {"allocation_lr": 0.1}),
     "lora": ("lora", {}),
