@@ -128,8 +128,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def close_process_group(synchronize: bool) -> None:
     """End of an `accelerate launch`ed process: destroy its process group, once, while the interpreter is still alive
-    (without it Gloo's threads can hang the exit of one rank, pytorch/pytorch#179291). ``synchronize``: barrier first
-    (normal exit; not after an error, where the other ranks may never reach it)."""
+    (Gloo's threads must not outlive its teardown, pytorch/pytorch#179291; here one rank of a 2-process run once never
+    exited). ``synchronize``: barrier first (normal exit; not after an error, where the other ranks may never reach
+    it)."""
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
