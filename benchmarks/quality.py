@@ -47,6 +47,10 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "orchmoe-router1": ("orchmoe", {"router_lr_multiplier": 1.0}),
     "orchmoe-t16": ("orchmoe", {"n_abstract_tasks": 16}),
     "orchmoe-router1-tau4": ("orchmoe", {"router_lr_multiplier": 1.0, "temperature": 4.0}),
+    # Gumbel noise annealed away: tau 1 -> 8 (geometric per step), routers at 1x
+    "orchmoe-router1-cool": ("orchmoe", {"router_lr_multiplier": 1.0, "temperature": 1.0, "temperature_end": 8.0}),
+    # one Gumbel draw per example instead of one per batch, routers at 1x
+    "orchmoe-router1-pex": ("orchmoe", {"router_lr_multiplier": 1.0, "noise_per_example": True}),
     "orchmoe-z1": ("orchmoe", {"router_lr_multiplier": 1.0, "allocation_init": 1.0}),
     "orchmoe-z3": ("orchmoe", {"router_lr_multiplier": 1.0, "allocation_init": 3.0}),
     "orchmoe-z3-t16": ("orchmoe", {"router_lr_multiplier": 1.0, "allocation_init": 3.0, "n_abstract_tasks": 16}),

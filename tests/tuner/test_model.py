@@ -158,15 +158,20 @@ def test_router_objective_is_added_to_the_loss_in_training() -> None:
     assert 0 <= state.entropy_per_example <= state.entropy_marginal + 1e-6
 
 
-def test_gumbel_noise_only_in_training() -> None:
-    model = make_peft("tiny-gemma3")
+@pytest.mark.parametrize("share_allocation", [False, True])
+@pytest.mark.parametrize("per_example", [False, True])
+def test_gumbel_noise_only_in_training(per_example: bool, share_allocation: bool) -> None:
+    model = make_peft("tiny-gemma3", noise_per_example=per_example, share_allocation=share_allocation)
     tuner = orchmoe.get_tuner(model)
-    w = torch.full((2, 3), 1 / 3)
+    w = torch.full((2, 3), 1 / 3)  # two examples with the same abstract-task weights
     first, second = (tuner.skill_weights(w, stochastic=True) for _ in range(2))
     name = next(iter(first))
     assert not torch.allclose(first[name], second[name])
+    # one draw for the batch: both examples get the same noisy mix; one draw per example: they differ
+    assert torch.equal(first[name][0], first[name][1]) != per_example
+    assert all(torch.allclose(a.sum(-1), torch.full((2,), 4.0)) for a in first.values())  # S = 4 skills
     det = [tuner.skill_weights(w, stochastic=False)[name] for _ in range(2)]
-    assert torch.equal(det[0], det[1])
+    assert torch.equal(det[0], det[1]) and torch.equal(det[0][0], det[0][1])
 
 
 @pytest.mark.parametrize("relaxation", ["gumbel_softmax", "gumbel_sigmoid"])

@@ -57,9 +57,12 @@ def test_task_router_with_centring_and_mi_discovers_tasks_from_nearly_parallel_p
 
 @pytest.mark.parametrize("relaxation", ["gumbel_softmax", "gumbel_sigmoid"])
 @pytest.mark.parametrize("scale", [True, False])
-def test_skill_router_rows(relaxation: str, scale: bool) -> None:
+@pytest.mark.parametrize("per_example", [False, True])
+def test_skill_router_rows(relaxation: str, scale: bool, per_example: bool) -> None:
     torch.manual_seed(0)
-    cfg = OrchMoEConfig(n_tasks=3, n_skills=5, skill_relaxation=relaxation, scale_by_skills=scale)
+    cfg = OrchMoEConfig(
+        n_tasks=3, n_skills=5, skill_relaxation=relaxation, scale_by_skills=scale, noise_per_example=per_example
+    )
     router = SkillRouter(cfg)
     torch.nn.init.normal_(router.logits)
     for stochastic in (True, False):
@@ -69,6 +72,8 @@ def test_skill_router_rows(relaxation: str, scale: bool) -> None:
         alpha = router(w, stochastic)
         assert alpha.shape == (4, 5)
         assert torch.allclose(alpha.sum(-1), torch.full((4,), 5.0 if scale else 1.0), atol=1e-4)
+        same = router(w[:1].expand(4, 3), stochastic)  # four examples with the same task weights
+        assert torch.allclose(same, same[:1].expand(4, 5)) != (stochastic and per_example)
 
 
 @pytest.mark.parametrize("init", [1e-3, 1.0, 3.0])

@@ -60,6 +60,7 @@ class RunConfig:
     temperature: float = field(default=1.0, metadata={"help": "OrchMoE Gumbel temperature (start)."})
     allocation_init: float = field(default=1e-3, metadata={"help": "OrchMoE: Z starts uniform in [-a, a]."})
     temperature_end: float | None = field(default=None, metadata={"help": "Anneal the temperature to this value."})
+    noise_per_example: bool = field(default=False, metadata={"help": "OrchMoE: one Gumbel draw per example."})
     skill_relaxation: str = field(default="gumbel_softmax", metadata={"help": "gumbel_softmax or gumbel_sigmoid."})
     router_mi_weight: float = field(default=0.1, metadata={"help": "OrchMoE router MI weight lambda."})
     router_norm: str = field(default="batch", metadata={"help": "OrchMoE task router norm: batch, layer, none."})

@@ -56,6 +56,7 @@ def peft_config(method: str, model: nn.Module, cfg: RunConfig, n_train_tasks: in
         task_type=task_type,
         temperature=cfg.temperature,
         allocation_init=cfg.allocation_init,
+        noise_per_example=cfg.noise_per_example,
         skill_relaxation=cfg.skill_relaxation,
         router_mi_weight=cfg.router_mi_weight,
         router_norm=cfg.router_norm,

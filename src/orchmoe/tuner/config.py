@@ -56,6 +56,14 @@ class OrchMoEConfig(PeftConfig):
             "mix; a value of order 1 gives each abstract task its own random skill mix from the first step."
         },
     )
+    noise_per_example: bool = field(
+        default=False,
+        metadata={
+            "help": "Draw the Skill Router's Gumbel noise once per example instead of once per forward call for the "
+            "whole batch. The expected training loss is the same; the noise in each step's gradient is averaged "
+            "over the batch."
+        },
+    )
     skill_relaxation: SkillRelaxation = field(
         default="gumbel_softmax",
         metadata={

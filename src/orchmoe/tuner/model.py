@@ -153,7 +153,8 @@ class OrchMoEModel(BaseTuner):
     def skill_weights(self, task_weights: torch.Tensor, stochastic: bool) -> dict[str, torch.Tensor]:
         """Per-module skill weights alpha (B, S) for abstract-task weights w (B, T).
 
-        All modules' allocations are relaxed in one vectorised call: z (M, T, S), alpha = S * w z (M, B, S).
+        All modules' allocations are relaxed in one vectorised call: z (M, T, S), or (M, B, T, S) with one noise
+        draw per example, and alpha = S * w z (M, B, S).
         """
         adapter = self._adapter
         if adapter in self.orchmoe_shared_skill_router:
@@ -168,8 +169,13 @@ class OrchMoEModel(BaseTuner):
             return {}
         first = next(iter(routers.values()))
         logits = torch.stack([r.logits for r in routers.values()])  # (M, T, S)
-        z = relax(logits, first.relaxation, first.temperature, stochastic, first.uniform)  # (M, T, S)
-        alpha = first.scale * torch.einsum("bt,mts->mbs", task_weights.float(), z)  # (M, B, S)
+        w = task_weights.float()  # (B, T)
+        if stochastic and first.per_example:
+            z = relax(logits, first.relaxation, first.temperature, True, first.uniform, draws=w.shape[0])  # (M,B,T,S)
+            alpha = first.scale * torch.einsum("bt,mbts->mbs", w, z)  # (M, B, S)
+        else:
+            z = relax(logits, first.relaxation, first.temperature, stochastic, first.uniform)  # (M, T, S)
+            alpha = first.scale * torch.einsum("bt,mts->mbs", w, z)  # (M, B, S)
         return dict(zip(routers, alpha.unbind(0), strict=True))
 
     def routing(

@@ -95,10 +95,23 @@ class TaskRouter(nn.Module):
         return self.proj(pooled).softmax(dim=-1)  # (B, T)
 
 
-def relax(logits: torch.Tensor, relaxation: str, temperature: float, stochastic: bool, uniform: bool = False):
+def relax(
+    logits: torch.Tensor,
+    relaxation: str,
+    temperature: float,
+    stochastic: bool,
+    uniform: bool = False,
+    draws: int = 0,
+) -> torch.Tensor:
     """Relaxed task-skill allocation of logits Z (..., T, S): rows sum to 1. Vectorised over leading dims, so all
-    modules' allocations are one call."""
+    modules' allocations are one call.
+
+    ``draws > 0`` (with ``stochastic``) takes that many independent noise draws, one per example, in a new dim
+    before T: (..., draws, T, S).
+    """
     logits = logits.float()  # (..., T, S)
+    if stochastic and draws > 0:
+        logits = logits.unsqueeze(-3).expand(*logits.shape[:-2], draws, *logits.shape[-2:])  # (..., B, T, S)
     if uniform:  # ablation: no Skill Router
         return torch.full_like(logits, 1.0 / logits.shape[-1])
     if relaxation == "gumbel_softmax":
@@ -121,6 +134,7 @@ class SkillRouter(nn.Module):
         alpha <- S * alpha                                                # if scale_by_skills
 
     ``skill_relaxation="gumbel_sigmoid"`` uses Poly's relaxed Bernoulli instead, each row normalised to sum 1.
+    The noise g is drawn once per call for the whole batch, or once per example with ``noise_per_example``.
     """
 
     def __init__(self, config: OrchMoEConfig) -> None:
@@ -130,6 +144,7 @@ class SkillRouter(nn.Module):
         self.scale = float(config.n_skills) if config.scale_by_skills else 1.0
         self.uniform = config.skill_router == "uniform"
         self.init_range = config.allocation_init
+        self.per_example = config.noise_per_example
         logits = torch.zeros(config.n_tasks, config.n_skills)  # Z: (T, S)
         if self.uniform:  # a buffer: nothing to train, and peft's set_adapter cannot turn it trainable
             self.register_buffer("logits", logits)
@@ -140,14 +155,18 @@ class SkillRouter(nn.Module):
     def reset_parameters(self) -> None:
         nn.init.uniform_(self.logits, -self.init_range, self.init_range)
 
-    def allocation(self, stochastic: bool) -> torch.Tensor:
-        """The relaxed allocation z: each abstract task's row sums to 1: (T, S)."""
-        return relax(self.logits, self.relaxation, self.temperature, stochastic, self.uniform)
+    def allocation(self, stochastic: bool, draws: int = 0) -> torch.Tensor:
+        """The relaxed allocation z: each abstract task's row sums to 1: (T, S), or (draws, T, S) per example."""
+        return relax(self.logits, self.relaxation, self.temperature, stochastic, self.uniform, draws)
 
     def forward(self, task_weights: torch.Tensor, stochastic: bool) -> torch.Tensor:
         """Per-example skill weights alpha from abstract-task weights w: (B, T) -> (B, S)."""
+        w = task_weights.float()  # (B, T)
+        if stochastic and self.per_example:
+            z = self.allocation(stochastic, draws=w.shape[0])  # (B, T, S): one noise draw per example
+            return self.scale * torch.einsum("bt,bts->bs", w, z)  # (B, S)
         z = self.allocation(stochastic)  # (T, S)
-        return self.scale * torch.einsum("bt,ts->bs", task_weights.float(), z)  # (B, S)
+        return self.scale * torch.einsum("bt,ts->bs", w, z)  # (B, S)
 
 
 def entropy(p: torch.Tensor) -> torch.Tensor:
