@@ -91,3 +91,24 @@ def test_quality_learning_rate_sweep_picks_on_validation(tmp_path: Path) -> None
     sizes = extended["n_examples"]
     assert sizes["seen"] > sets.count("seen") and sizes["unseen"] > sets.count("unseen")
     assert len(report["extended"][f"lora (lr {float(best):g})"]) == 2
+
+
+def fake_run(root: Path, name: str, seed: int, seen: float, unseen: float) -> Path:
+    run = root / name
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps({"seed": seed}))
+    scores = {split: {"macro": {"rougeL": value}} for split, value in (("seen", seen), ("unseen", unseen))}
+    (run / "extended_metrics.json").write_text(json.dumps(scores))
+    return run
+
+
+def test_paired_comparison_reports_per_seed_differences(tmp_path: Path) -> None:
+    a = [fake_run(tmp_path, f"a{s}", s, seen, 30.0) for s, seen in enumerate((50.0, 40.0, 47.0))]
+    b = [fake_run(tmp_path, f"b{s}", s, seen, 20.0 + s) for s, seen in enumerate((48.0, 44.0, 46.0))]
+    done = script("paired.py", "--a", *map(str, a), "--b", *map(str, b))
+    assert "| 1 | 40.00 | 44.00 | -4.00 |" in done.stdout
+    last = done.stdout.strip().splitlines()[-1]
+    assert last == "RESULT seen_diff=-0.33±3.21 seen_a_ahead=2/3 unseen_diff=+9.00±1.00 unseen_a_ahead=3/3"
+    mismatched = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "paired.py"), "--a", *map(str, a[:2]),
+                                 "--b", *map(str, b)], capture_output=True, text=True, cwd=ROOT)  # fmt: skip
+    assert mismatched.returncode != 0 and "same seeds" in mismatched.stderr
