@@ -61,7 +61,7 @@ class OrchMoEConfig(PeftConfig):
         metadata={
             "help": "Draw the Skill Router's Gumbel noise once per example instead of once per forward call for the "
             "whole batch. The expected training loss is the same; the noise in each step's gradient is averaged "
-            "over the batch."
+            "over the batch. Under data parallelism each process draws for its own examples, as with dropout."
         },
     )
     skill_relaxation: SkillRelaxation = field(
