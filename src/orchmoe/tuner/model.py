@@ -22,7 +22,7 @@ from torch import nn
 
 from .config import OrchMoEConfig
 from .layer import Linear, OrchMoELayer
-from .router import SkillRouter, TaskRouter, relax, routing_entropies
+from .router import SkillRouter, TaskRouter, routing_entropies
 
 
 @dataclass
@@ -169,13 +169,7 @@ class OrchMoEModel(BaseTuner):
             return {}
         first = next(iter(routers.values()))
         logits = torch.stack([r.logits for r in routers.values()])  # (M, T, S)
-        w = task_weights.float()  # (B, T)
-        if stochastic and first.per_example:
-            z = relax(logits, first.relaxation, first.temperature, True, first.uniform, draws=w.shape[0])  # (M,B,T,S)
-            alpha = first.scale * torch.einsum("bt,mbts->mbs", w, z)  # (M, B, S)
-        else:
-            z = relax(logits, first.relaxation, first.temperature, stochastic, first.uniform)  # (M, T, S)
-            alpha = first.scale * torch.einsum("bt,mts->mbs", w, z)  # (M, B, S)
+        alpha = first.mix(task_weights, stochastic, logits)  # (M, B, S)
         return dict(zip(routers, alpha.unbind(0), strict=True))
 
     def routing(

@@ -155,18 +155,24 @@ class SkillRouter(nn.Module):
     def reset_parameters(self) -> None:
         nn.init.uniform_(self.logits, -self.init_range, self.init_range)
 
-    def allocation(self, stochastic: bool, draws: int = 0) -> torch.Tensor:
-        """The relaxed allocation z: each abstract task's row sums to 1: (T, S), or (draws, T, S) per example."""
-        return relax(self.logits, self.relaxation, self.temperature, stochastic, self.uniform, draws)
+    def allocation(self, stochastic: bool) -> torch.Tensor:
+        """The relaxed allocation z: each abstract task's row sums to 1: (T, S)."""
+        return relax(self.logits, self.relaxation, self.temperature, stochastic, self.uniform)
+
+    def mix(self, task_weights: torch.Tensor, stochastic: bool, logits: torch.Tensor | None = None) -> torch.Tensor:
+        """alpha = scale * w z with this router's relaxation, for its own Z or for ``logits`` (..., T, S) relaxed
+        alike (all modules' Z stacked: one vectorised call): (B, T) -> (..., B, S)."""
+        logits = self.logits if logits is None else logits  # (..., T, S)
+        w = task_weights.float()  # (B, T)
+        if stochastic and self.per_example:
+            z = relax(logits, self.relaxation, self.temperature, True, self.uniform, draws=w.shape[0])  # (..., B, T, S)
+            return self.scale * torch.einsum("bt,...bts->...bs", w, z)  # (..., B, S)
+        z = relax(logits, self.relaxation, self.temperature, stochastic, self.uniform)  # (..., T, S)
+        return self.scale * torch.einsum("bt,...ts->...bs", w, z)  # (..., B, S)
 
     def forward(self, task_weights: torch.Tensor, stochastic: bool) -> torch.Tensor:
         """Per-example skill weights alpha from abstract-task weights w: (B, T) -> (B, S)."""
-        w = task_weights.float()  # (B, T)
-        if stochastic and self.per_example:
-            z = self.allocation(stochastic, draws=w.shape[0])  # (B, T, S): one noise draw per example
-            return self.scale * torch.einsum("bt,bts->bs", w, z)  # (B, S)
-        z = self.allocation(stochastic)  # (T, S)
-        return self.scale * torch.einsum("bt,ts->bs", w, z)  # (B, S)
+        return self.mix(task_weights, stochastic)  # (B, S)
 
 
 def entropy(p: torch.Tensor) -> torch.Tensor:
