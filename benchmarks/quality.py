@@ -49,6 +49,10 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "orchmoe-router1-tau4": ("orchmoe", {"router_lr_multiplier": 1.0, "temperature": 4.0}),
     # Gumbel noise annealed away: tau 1 -> 8 (geometric per step), routers at 1x
     "orchmoe-router1-cool": ("orchmoe", {"router_lr_multiplier": 1.0, "temperature": 1.0, "temperature_end": 8.0}),
+    # Gumbel noise scaled linearly 1 -> 0 at tau 1 (training ends on the eval relaxation, Z's sharpness kept)
+    "orchmoe-fade": ("orchmoe", {"router_lr_multiplier": 1.0, "noise_scale_end": 0.0}),
+    "orchmoe-fade-z1": ("orchmoe", {"router_lr_multiplier": 1.0, "noise_scale_end": 0.0, "allocation_init": 1.0}),
+    "orchmoe-fade-alloc": ("orchmoe", {"router_lr_multiplier": 1.0, "noise_scale_end": 0.0, "allocation_lr": 0.1}),
     # one Gumbel draw per example instead of one per batch, routers at 1x
     "orchmoe-router1-pex": ("orchmoe", {"router_lr_multiplier": 1.0, "noise_per_example": True}),
     "orchmoe-z1": ("orchmoe", {"router_lr_multiplier": 1.0, "allocation_init": 1.0}),

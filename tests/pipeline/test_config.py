@@ -67,6 +67,7 @@ def test_bad_config_files(tmp_path: Path, body: str, suffix: str, match: str) ->
         ({"batch_size": 6, "grad_accum": 4}, "multiple of --grad-accum"),
         ({"n_train": 0}, "--n-train"),
         ({"lr": 0.0}, "--lr"),
+        ({"noise_scale_end": -1.0}, "--noise-scale-end"),
         ({"preset": "huge"}, "Unknown preset"),
     ],
 )

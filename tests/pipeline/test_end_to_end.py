@@ -49,14 +49,22 @@ def test_train_eval_compare(tmp_path: Path) -> None:
         assert (tmp_path / "c" / figure).stat().st_size > 1000
 
 
-def test_annealed_temperature_is_the_one_saved_and_evaluated(tmp_path: Path) -> None:
-    run("train", "--out", str(tmp_path / "r"), *TINY, "--max-steps", "3", "--temperature", "4",
-        "--temperature-end", "0.5")  # fmt: skip
+@pytest.mark.parametrize(
+    ("flags", "expected"),
+    [
+        (["--temperature", "4", "--temperature-end", "0.5"], {"temperature": 0.5, "noise_scale": 1.0}),
+        (["--noise-scale-end", "0"], {"temperature": 1.0, "noise_scale": 0.0}),
+    ],
+)
+def test_annealed_relaxation_is_the_one_saved_and_evaluated(
+    tmp_path: Path, flags: list[str], expected: dict[str, float]
+) -> None:
+    run("train", "--out", str(tmp_path / "r"), *TINY, "--max-steps", "3", *flags)
     saved = json.loads((tmp_path / "r" / "adapter" / "adapter_config.json").read_text())
-    assert saved["temperature"] == pytest.approx(0.5)
+    assert {k: saved[k] for k in expected} == pytest.approx(expected)
     _, _, model = load_trained(tmp_path / "r")
     routers = [m for m in model.modules() if hasattr(m, "relaxation") and hasattr(m, "temperature")]
-    assert routers and all(m.temperature == pytest.approx(0.5) for m in routers)
+    assert routers and all({k: getattr(m, k) for k in expected} == pytest.approx(expected) for m in routers)
 
 
 def test_existing_output_is_not_clobbered(tmp_path: Path, capsys) -> None:

@@ -21,6 +21,7 @@ from tests.conftest import VOCAB, inputs, make_peft
         ({"r": 1.5}, "r must"),
         ({"temperature": 0.0}, "temperature"),
         ({"allocation_init": -1.0}, "allocation_init"),
+        ({"noise_scale": -0.5}, "noise_scale"),
         ({"lora_dropout": 1.0}, "lora_dropout"),
         ({"router_mi_weight": -1.0}, "router_mi_weight"),
         ({"router_lr_multiplier": 0.0}, "router_lr_multiplier"),

@@ -7,7 +7,7 @@ import torch
 
 from orchmoe import OrchMoEConfig
 from orchmoe.tuner import SkillRouter, TaskRouter
-from orchmoe.tuner.router import entropy, mutual_information_loss
+from orchmoe.tuner.router import entropy, mutual_information_loss, relax
 
 
 def test_task_router_attention_is_the_papers_formula() -> None:
@@ -84,6 +84,19 @@ def test_allocation_init_sets_the_range_of_z(init: float) -> None:
     assert z.abs().max() <= init and z.abs().max() > 0.8 * init  # uniform in [-a, a], 256 draws
     spread = router.allocation(stochastic=False).max(dim=-1).values.mean()  # mean row max of softmax(Z)
     assert (spread < 1 / 16 + 0.01) == (init < 0.1)  # only a large init starts abstract tasks at distinct mixes
+
+
+@pytest.mark.parametrize("relaxation", ["gumbel_softmax", "gumbel_sigmoid"])
+def test_noise_scale_interpolates_between_eval_and_full_noise(relaxation: str) -> None:
+    logits = torch.randn(3, 8, 5)  # (M, T, S)
+
+    def deviation(scale: float) -> float:  # mean distance of the noisy allocation from the eval one
+        torch.manual_seed(1)  # the same draws at every scale
+        noisy = relax(logits, relaxation, 1.0, stochastic=True, noise_scale=scale)
+        return (noisy - relax(logits, relaxation, 1.0, stochastic=False)).abs().mean().item()
+
+    assert deviation(0.0) == 0.0
+    assert 0.0 < deviation(0.1) < deviation(0.5) < deviation(1.0)
 
 
 def test_low_temperature_sharpens_the_allocation() -> None:

@@ -60,6 +60,12 @@ class RunConfig:
     temperature: float = field(default=1.0, metadata={"help": "OrchMoE Gumbel temperature (start)."})
     allocation_init: float = field(default=1e-3, metadata={"help": "OrchMoE: Z starts uniform in [-a, a]."})
     temperature_end: float | None = field(default=None, metadata={"help": "Anneal the temperature to this value."})
+    noise_scale_end: float | None = field(
+        default=None,
+        metadata={
+            "help": "OrchMoE: anneal the Gumbel noise scale linearly from 1 to this value (0: no noise at the end)."
+        },
+    )
     noise_per_example: bool = field(default=False, metadata={"help": "OrchMoE: one Gumbel draw per example."})
     skill_relaxation: str = field(default="gumbel_softmax", metadata={"help": "gumbel_softmax or gumbel_sigmoid."})
     router_mi_weight: float = field(default=0.1, metadata={"help": "OrchMoE router MI weight lambda."})
@@ -83,6 +89,8 @@ class RunConfig:
             raise ValueError(f"--schedule must be linear or constant, got {self.schedule!r}.")
         if self.lr <= 0:
             raise ValueError(f"--lr must be > 0, got {self.lr}.")
+        if self.noise_scale_end is not None and self.noise_scale_end < 0:
+            raise ValueError(f"--noise-scale-end must be >= 0 (or unset), got {self.noise_scale_end}.")
         if self.allocation_lr is not None and self.allocation_lr <= 0:
             raise ValueError(f"--allocation-lr must be > 0 (or unset), got {self.allocation_lr}.")
 

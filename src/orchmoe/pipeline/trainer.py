@@ -34,9 +34,21 @@ from ..tuner.access import get_tuner
 from . import checkpoint
 from .common import CONFIG_FILE, make_selection, model_inputs, prepare_run_dir, resolve_data_dir, write_json
 from .config import RunConfig
-from .methods import build, count_parameters, optimizer_groups, set_temperature, set_unseen_task_row
+from .methods import build, count_parameters, optimizer_groups, set_relaxation, set_unseen_task_row
 
 LOG_FILE = "train_log.jsonl"
+
+
+def relaxation_at(cfg: RunConfig, progress: float) -> dict[str, float | None]:
+    """The Skill Router's annealed settings at ``progress`` in [0, 1] of training (None: not annealed): the
+    temperature geometrically from ``temperature`` to ``temperature_end``, the noise scale linearly from 1 to
+    ``noise_scale_end``."""
+    temperature = noise_scale = None
+    if cfg.temperature_end is not None:
+        temperature = cfg.temperature * (cfg.temperature_end / cfg.temperature) ** progress
+    if cfg.noise_scale_end is not None:
+        noise_scale = 1.0 + (cfg.noise_scale_end - 1.0) * progress
+    return {"temperature": temperature, "noise_scale": noise_scale}
 
 
 class TrainingDiverged(RuntimeError):
@@ -194,9 +206,8 @@ def train(cfg: RunConfig, out: Path, resume: bool = False, overwrite: bool = Fal
     assignments: list[torch.Tensor] = pending["assignments"]
     iterator = iter(loader)
     for step in range(start + 1, steps + 1):
-        if cfg.method == "orchmoe" and cfg.temperature_end is not None:
-            ratio = (step - 1) / max(1, steps - 1)
-            set_temperature(unwrapped, cfg.temperature * (cfg.temperature_end / cfg.temperature) ** ratio)
+        if cfg.method == "orchmoe" and (cfg.temperature_end is not None or cfg.noise_scale_end is not None):
+            set_relaxation(unwrapped, **relaxation_at(cfg, (step - 1) / max(1, steps - 1)))
         skipped = False
         for k in range(cfg.grad_accum):
             batch = next(iterator)

@@ -56,6 +56,15 @@ class OrchMoEConfig(PeftConfig):
             "mix; a value of order 1 gives each abstract task its own random skill mix from the first step."
         },
     )
+    noise_scale: float = field(
+        default=1.0,
+        metadata={
+            "help": "Scale of the Skill Router's training noise: softmax((Z + noise_scale * g) / tau). 1 is the plain "
+            "Gumbel-softmax; 0 trains with the deterministic softmax(Z / tau) used at eval. Annealing it to 0 "
+            "(RunConfig.noise_scale_end) ends training without noise and keeps Z's sharpness, which raising tau "
+            "would flatten."
+        },
+    )
     noise_per_example: bool = field(
         default=False,
         metadata={
@@ -124,6 +133,8 @@ class OrchMoEConfig(PeftConfig):
                 raise ValueError(f"OrchMoEConfig.{name} must be an integer >= 1, got {value!r}.")
         if self.temperature <= 0:
             raise ValueError(f"OrchMoEConfig.temperature must be > 0, got {self.temperature!r}.")
+        if self.noise_scale < 0:
+            raise ValueError(f"OrchMoEConfig.noise_scale must be >= 0, got {self.noise_scale!r}.")
         if self.allocation_init < 0:
             raise ValueError(f"OrchMoEConfig.allocation_init must be >= 0, got {self.allocation_init!r}.")
         if not 0.0 <= self.lora_dropout < 1.0:

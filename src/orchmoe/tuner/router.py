@@ -102,12 +102,13 @@ def relax(
     stochastic: bool,
     uniform: bool = False,
     draws: int = 0,
+    noise_scale: float = 1.0,
 ) -> torch.Tensor:
     """Relaxed task-skill allocation of logits Z (..., T, S): rows sum to 1. Vectorised over leading dims, so all
     modules' allocations are one call.
 
     ``draws > 0`` (with ``stochastic``) takes that many independent noise draws, one per example, in a new dim
-    before T: (..., draws, T, S).
+    before T: (..., draws, T, S). ``noise_scale`` multiplies the noise (0: the deterministic relaxation).
     """
     logits = logits.float()  # (..., T, S)
     if stochastic and draws > 0:
@@ -117,11 +118,11 @@ def relax(
     if relaxation == "gumbel_softmax":
         if stochastic:
             u = torch.rand_like(logits).clamp(EPS, 1.0 - EPS)
-            logits = logits - torch.log(-torch.log(u))  # + Gumbel(0, 1)
+            logits = logits - noise_scale * torch.log(-torch.log(u))  # + c * Gumbel(0, 1)
         return (logits / temperature).softmax(dim=-1)  # (..., T, S)
     if stochastic:
         u = torch.rand_like(logits).clamp(EPS, 1.0 - EPS)
-        logits = logits + torch.log(u) - torch.log1p(-u)  # + Logistic(0, 1)
+        logits = logits + noise_scale * (torch.log(u) - torch.log1p(-u))  # + c * Logistic(0, 1)
     probs = torch.sigmoid(logits / temperature)  # (..., T, S)
     return probs / (probs.sum(dim=-1, keepdim=True) + EPS)
 
@@ -129,12 +130,13 @@ def relax(
 class SkillRouter(nn.Module):
     """Task-Skill Allocation: a learnable matrix Z (T x S), relaxed with Gumbel noise while training.
 
-        z_i = softmax((Z_i + g) / tau)   (training, g ~ Gumbel(0, 1))      z_i = softmax(Z_i / tau)   (eval)
+        z_i = softmax((Z_i + c g) / tau)   (training, g ~ Gumbel(0, 1))    z_i = softmax(Z_i / tau)   (eval)
         alpha = w^T z                                                     # (B, S), rows sum to 1
         alpha <- S * alpha                                                # if scale_by_skills
 
     ``skill_relaxation="gumbel_sigmoid"`` uses Poly's relaxed Bernoulli instead, each row normalised to sum 1.
-    The noise g is drawn once per call for the whole batch, or once per example with ``noise_per_example``.
+    The noise g is drawn once per call for the whole batch, or once per example with ``noise_per_example``;
+    c is ``noise_scale`` (1 by default; annealed to 0, training ends on the deterministic eval relaxation).
     """
 
     def __init__(self, config: OrchMoEConfig) -> None:
@@ -145,6 +147,7 @@ class SkillRouter(nn.Module):
         self.uniform = config.skill_router == "uniform"
         self.init_range = config.allocation_init
         self.per_example = config.noise_per_example
+        self.noise_scale = config.noise_scale
         logits = torch.zeros(config.n_tasks, config.n_skills)  # Z: (T, S)
         if self.uniform:  # a buffer: nothing to train, and peft's set_adapter cannot turn it trainable
             self.register_buffer("logits", logits)
@@ -157,7 +160,9 @@ class SkillRouter(nn.Module):
 
     def allocation(self, stochastic: bool) -> torch.Tensor:
         """The relaxed allocation z: each abstract task's row sums to 1: (T, S)."""
-        return relax(self.logits, self.relaxation, self.temperature, stochastic, self.uniform)
+        return relax(
+            self.logits, self.relaxation, self.temperature, stochastic, self.uniform, noise_scale=self.noise_scale
+        )
 
     def mix(self, task_weights: torch.Tensor, stochastic: bool, logits: torch.Tensor | None = None) -> torch.Tensor:
         """alpha = scale * w z with this router's relaxation, for its own Z or for ``logits`` (..., T, S) relaxed
@@ -165,9 +170,13 @@ class SkillRouter(nn.Module):
         logits = self.logits if logits is None else logits  # (..., T, S)
         w = task_weights.float()  # (B, T)
         if stochastic and self.per_example:
-            z = relax(logits, self.relaxation, self.temperature, True, self.uniform, draws=w.shape[0])  # (..., B, T, S)
+            z = relax(
+                logits, self.relaxation, self.temperature, True, self.uniform, w.shape[0], self.noise_scale
+            )  # (..., B, T, S)
             return self.scale * torch.einsum("bt,...bts->...bs", w, z)  # (..., B, S)
-        z = relax(logits, self.relaxation, self.temperature, stochastic, self.uniform)  # (..., T, S)
+        z = relax(
+            logits, self.relaxation, self.temperature, stochastic, self.uniform, noise_scale=self.noise_scale
+        )  # (..., T, S)
         return self.scale * torch.einsum("bt,...ts->...bs", w, z)  # (..., B, S)
 
     def forward(self, task_weights: torch.Tensor, stochastic: bool) -> torch.Tensor:
