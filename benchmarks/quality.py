@@ -53,6 +53,7 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "orchmoe-fade": ("orchmoe", {"router_lr_multiplier": 1.0, "noise_scale_end": 0.0}),
     "orchmoe-fade-z1": ("orchmoe", {"router_lr_multiplier": 1.0, "noise_scale_end": 0.0, "allocation_init": 1.0}),
     "orchmoe-fade-alloc": ("orchmoe", {"router_lr_multiplier": 1.0, "noise_scale_end": 0.0, "allocation_lr": 0.1}),
+    "orchmoe-fade-alloc3": ("orchmoe", {"router_lr_multiplier": 1.0, "noise_scale_end": 0.0, "allocation_lr": 0.3}),
     # one Gumbel draw per example instead of one per batch, routers at 1x
     "orchmoe-router1-pex": ("orchmoe", {"router_lr_multiplier": 1.0, "noise_per_example": True}),
     "orchmoe-z1": ("orchmoe", {"router_lr_multiplier": 1.0, "allocation_init": 1.0}),
