@@ -158,11 +158,13 @@ class SkillRouter(nn.Module):
     def reset_parameters(self) -> None:
         nn.init.uniform_(self.logits, -self.init_range, self.init_range)
 
+    def relax(self, logits: torch.Tensor, stochastic: bool, draws: int = 0) -> torch.Tensor:
+        """``relax`` with this router's settings (relaxation, temperature, ablation, noise scale)."""
+        return relax(logits, self.relaxation, self.temperature, stochastic, self.uniform, draws, self.noise_scale)
+
     def allocation(self, stochastic: bool) -> torch.Tensor:
         """The relaxed allocation z: each abstract task's row sums to 1: (T, S)."""
-        return relax(
-            self.logits, self.relaxation, self.temperature, stochastic, self.uniform, noise_scale=self.noise_scale
-        )
+        return self.relax(self.logits, stochastic)
 
     def mix(self, task_weights: torch.Tensor, stochastic: bool, logits: torch.Tensor | None = None) -> torch.Tensor:
         """alpha = scale * w z with this router's relaxation, for its own Z or for ``logits`` (..., T, S) relaxed
@@ -170,13 +172,9 @@ class SkillRouter(nn.Module):
         logits = self.logits if logits is None else logits  # (..., T, S)
         w = task_weights.float()  # (B, T)
         if stochastic and self.per_example:
-            z = relax(
-                logits, self.relaxation, self.temperature, True, self.uniform, w.shape[0], self.noise_scale
-            )  # (..., B, T, S)
+            z = self.relax(logits, True, draws=w.shape[0])  # (..., B, T, S)
             return self.scale * torch.einsum("bt,...bts->...bs", w, z)  # (..., B, S)
-        z = relax(
-            logits, self.relaxation, self.temperature, stochastic, self.uniform, noise_scale=self.noise_scale
-        )  # (..., T, S)
+        z = self.relax(logits, stochastic)  # (..., T, S)
         return self.scale * torch.einsum("bt,...ts->...bs", w, z)  # (..., B, S)
 
     def forward(self, task_weights: torch.Tensor, stochastic: bool) -> torch.Tensor:
