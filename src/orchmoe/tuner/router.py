@@ -115,14 +115,13 @@ def relax(
         logits = logits.unsqueeze(-3).expand(*logits.shape[:-2], draws, *logits.shape[-2:])  # (..., B, T, S)
     if uniform:  # ablation: no Skill Router
         return torch.full_like(logits, 1.0 / logits.shape[-1])
-    if relaxation == "gumbel_softmax":
-        if stochastic:
-            u = torch.rand_like(logits).clamp(EPS, 1.0 - EPS)
-            logits = logits - noise_scale * torch.log(-torch.log(u))  # + c * Gumbel(0, 1)
-        return (logits / temperature).softmax(dim=-1)  # (..., T, S)
+    softmax = relaxation == "gumbel_softmax"
     if stochastic:
         u = torch.rand_like(logits).clamp(EPS, 1.0 - EPS)
-        logits = logits + noise_scale * (torch.log(u) - torch.log1p(-u))  # + c * Logistic(0, 1)
+        noise = -torch.log(-torch.log(u)) if softmax else torch.log(u) - torch.log1p(-u)  # Gumbel / Logistic(0, 1)
+        logits = logits + noise_scale * noise  # (..., T, S)
+    if softmax:
+        return (logits / temperature).softmax(dim=-1)  # (..., T, S)
     probs = torch.sigmoid(logits / temperature)  # (..., T, S)
     return probs / (probs.sum(dim=-1, keepdim=True) + EPS)
 
