@@ -54,6 +54,25 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "orchmoe-fade-z1": ("orchmoe", {"router_lr_multiplier": 1.0, "noise_scale_end": 0.0, "allocation_init": 1.0}),
     "orchmoe-fade-alloc": ("orchmoe", {"router_lr_multiplier": 1.0, "noise_scale_end": 0.0, "allocation_lr": 0.1}),
     "orchmoe-fade-alloc3": ("orchmoe", {"router_lr_multiplier": 1.0, "noise_scale_end": 0.0, "allocation_lr": 0.3}),
+    # DESIGN.md's remaining open choices on top of fade-alloc: one Z shared by every module, T = 10 abstract tasks
+    # (one per training task of sni-10), and the router's MI term off or at 1.0 (default 0.1)
+    "orchmoe-fade-alloc-shared": (
+        "orchmoe",
+        {"router_lr_multiplier": 1.0, "noise_scale_end": 0.0, "allocation_lr": 0.1, "share_allocation": True},
+    ),
+    "orchmoe-fade-alloc-t10": (
+        "orchmoe",
+        {"router_lr_multiplier": 1.0, "noise_scale_end": 0.0, "allocation_lr": 0.1, "n_abstract_tasks": 10},
+    ),
+    "orchmoe-fade-alloc-mi1": (
+        "orchmoe",
+        {"router_lr_multiplier": 1.0, "noise_scale_end": 0.0, "allocation_lr": 0.1, "router_mi_weight": 1.0},
+    ),
+    # the Task Router reads the frozen base model's hidden states after layer 6 (of 18) instead of input embeddings
+    "orchmoe-fade-alloc-l6": (
+        "orchmoe",
+        {"router_lr_multiplier": 1.0, "noise_scale_end": 0.0, "allocation_lr": 0.1, "router_layer": 6},
+    ),
     # one Gumbel draw per example instead of one per batch, routers at 1x
     "orchmoe-router1-pex": ("orchmoe", {"router_lr_multiplier": 1.0, "noise_per_example": True}),
     "orchmoe-z1": ("orchmoe", {"router_lr_multiplier": 1.0, "allocation_init": 1.0}),

@@ -27,6 +27,8 @@ from tests.conftest import VOCAB, inputs, make_peft
         ({"router_lr_multiplier": 0.0}, "router_lr_multiplier"),
         ({"skill_relaxation": "argmax"}, "skill_relaxation"),
         ({"router_norm": "group"}, "router_norm"),
+        ({"router_layer": -1}, "router_layer"),
+        ({"router_layer": 1.0}, "router_layer"),
     ],
 )
 def test_impossible_configs_are_rejected(kwargs: dict, match: str) -> None:

@@ -61,6 +61,7 @@ def peft_config(method: str, model: nn.Module, cfg: RunConfig, n_train_tasks: in
         router_mi_weight=cfg.router_mi_weight,
         router_norm=cfg.router_norm,
         share_allocation=cfg.share_allocation,
+        router_layer=cfg.router_layer,
         task_router="uniform" if cfg.uniform_task_router else "learned",
         skill_router="uniform" if cfg.uniform_skill_router else "learned",
         router_lr_multiplier=cfg.router_lr_multiplier,

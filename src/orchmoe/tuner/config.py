@@ -103,6 +103,14 @@ class OrchMoEConfig(PeftConfig):
         default=True,
         metadata={"help": "Task Router: parameter-free self-attention with a residual over the prompt embeddings."},
     )
+    router_layer: int = field(
+        default=0,
+        metadata={
+            "help": "What the Task Router reads: 0 = the prompt's input token embeddings; k > 0 = the frozen base "
+            "model's hidden states after its k-th layer (of the encoder for an encoder-decoder), from a partial "
+            "forward of k layers with the skills switched off, once per training step or per generate call."
+        },
+    )
     router_norm: RouterNorm = field(
         default="batch",
         metadata={
@@ -135,6 +143,8 @@ class OrchMoEConfig(PeftConfig):
             raise ValueError(f"OrchMoEConfig.temperature must be > 0, got {self.temperature!r}.")
         if self.noise_scale < 0:
             raise ValueError(f"OrchMoEConfig.noise_scale must be >= 0, got {self.noise_scale!r}.")
+        if not isinstance(self.router_layer, int) or isinstance(self.router_layer, bool) or self.router_layer < 0:
+            raise ValueError(f"OrchMoEConfig.router_layer must be an integer >= 0, got {self.router_layer!r}.")
         if self.allocation_init < 0:
             raise ValueError(f"OrchMoEConfig.allocation_init must be >= 0, got {self.allocation_init!r}.")
         if not 0.0 <= self.lora_dropout < 1.0:

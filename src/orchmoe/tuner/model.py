@@ -21,6 +21,7 @@ from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 from torch import nn
 
 from .config import OrchMoEConfig
+from .features import input_embeddings, layer_hidden_states
 from .layer import Linear, OrchMoELayer
 from .router import SkillRouter, TaskRouter, routing_entropies
 
@@ -43,23 +44,6 @@ class RoutingState:
     entropy_marginal: float
 
 
-def _input_embeddings(model: nn.Module) -> nn.Embedding:
-    getter = getattr(model, "get_input_embeddings", None)
-    embeddings = None
-    if getter is not None:
-        try:
-            embeddings = getter()
-        except NotImplementedError:
-            embeddings = None
-    if not isinstance(embeddings, nn.Embedding):
-        raise ValueError(
-            f"OrchMoE routes from the base model's input token embeddings, but {type(model).__name__} has no "
-            "`get_input_embeddings()` returning an nn.Embedding. Use a transformers language model (decoder-only or "
-            "encoder-decoder)."
-        )
-    return embeddings
-
-
 class OrchMoEModel(BaseTuner):
     """The OrchMoE tuner (see ``orchmoe.tuner`` and DESIGN.md). Created by ``peft.get_peft_model``."""
 
@@ -70,7 +54,7 @@ class OrchMoEModel(BaseTuner):
 
     # ----------------------------------------------------------------------------------------------- injection
     def _pre_injection_hook(self, model: nn.Module, config: OrchMoEConfig, adapter_name: str) -> None:
-        embeddings = _input_embeddings(model)
+        embeddings = input_embeddings(model)
         if "orchmoe_task_router" not in self._modules:
             self.orchmoe_task_router = nn.ModuleDict()
             self.orchmoe_shared_skill_router = nn.ModuleDict()
@@ -124,15 +108,24 @@ class OrchMoEModel(BaseTuner):
         inputs_embeds: torch.Tensor | None = None,
         deterministic: bool = False,
     ) -> torch.Tensor:
-        """Abstract-task weights w (B, T) from the routing tokens (``routing_mask``, else ``attention_mask``)."""
-        if inputs_embeds is None:
-            if input_ids is None:
-                raise ValueError(
-                    "OrchMoE routes from the prompt: pass `input_ids` (or `inputs_embeds`), or explicit "
-                    "`task_weights` of shape (batch, n_tasks)."
-                )
+        """Abstract-task weights w (B, T) from the routing tokens (``routing_mask``, else ``attention_mask``).
+
+        The router reads the input embeddings, or with ``router_layer=k`` the frozen base model's hidden states
+        after layer k (a partial forward with every skill switched off).
+        """
+        if inputs_embeds is None and input_ids is None:
+            raise ValueError(
+                "OrchMoE routes from the prompt: pass `input_ids` (or `inputs_embeds`), or explicit "
+                "`task_weights` of shape (batch, n_tasks)."
+            )
+        layer = self.peft_config[self._adapter].router_layer
+        if layer > 0:
+            inputs_embeds = layer_hidden_states(
+                self.model, layer, self._skills_off, input_ids, attention_mask, inputs_embeds
+            )  # (B, L, d)
+        elif inputs_embeds is None:
             with torch.no_grad():
-                inputs_embeds = _input_embeddings(self.model)(input_ids)  # (B, L, d)
+                inputs_embeds = input_embeddings(self.model)(input_ids)  # (B, L, d)
         embeds = inputs_embeds.detach()
         shape = tuple(embeds.shape[:2])
         mask = torch.ones(shape, dtype=torch.bool, device=embeds.device)
@@ -193,6 +186,30 @@ class OrchMoEModel(BaseTuner):
         return args, kwargs
 
     @contextmanager
+    def _hooked(self, skill_weights: Mapping[str, torch.Tensor]) -> Iterator[None]:
+        """Hand each named OrchMoE layer its ``skill_weights`` (B, S*r) for the duration (hooks removed in finally)."""
+        layers = dict(self.orchmoe_layers())
+        handles = []
+        try:
+            for name, weights in skill_weights.items():
+                hook = partial(self._inject_skill_weights, skill_weights=weights)
+                handles.append(layers[name].register_forward_pre_hook(hook, with_kwargs=True))
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def _skills_off(self) -> Any:
+        """Every OrchMoE layer adds exactly nothing for the duration (zero skill weights): the frozen base model."""
+        adapter = self._adapter
+        zeros = {
+            name: layer.orchmoe_A[adapter].new_zeros(1, layer.orchmoe_A[adapter].shape[0])  # (1, S*r)
+            for name, layer in self.orchmoe_layers()
+            if adapter in layer.orchmoe_A
+        }
+        return self._hooked(zeros)
+
+    @contextmanager
     def _routed(self, args: tuple, kwargs: dict, routing_mask: torch.Tensor | None, task_weights: Any) -> Iterator:
         """Compute the routing of one call and hand it to every OrchMoE layer for the duration of the call."""
         layers = dict(self.orchmoe_layers())
@@ -219,16 +236,12 @@ class OrchMoEModel(BaseTuner):
         )
         alphas = self.skill_weights(task_weights, stochastic=self.training)
         adapter = self._adapter
-        handles = []
-        try:
-            for name, alpha in alphas.items():
-                diag = alpha.repeat_interleave(layers[name].r[adapter], dim=-1)  # (B, S*r), once per call
-                hook = partial(self._inject_skill_weights, skill_weights=diag)
-                handles.append(layers[name].register_forward_pre_hook(hook, with_kwargs=True))
+        diags = {
+            name: alpha.repeat_interleave(layers[name].r[adapter], dim=-1)  # (B, S*r), once per call
+            for name, alpha in alphas.items()
+        }
+        with self._hooked(diags):
             yield
-        finally:
-            for handle in handles:
-                handle.remove()
 
     def forward(
         self, *args: Any, routing_mask: torch.Tensor | None = None, task_weights: Any = None, **kwargs: Any

@@ -1,0 +1,67 @@
+"""The Task Router's input: input embeddings, or the frozen base model's hidden states after layer k."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import orchmoe
+from orchmoe.models import tiny_model
+from orchmoe.tuner.features import backbone_layers, layer_hidden_states
+from tests.conftest import VOCAB, inputs, make_peft, seq2seq_extra
+
+
+def base_hidden_states(arch: str, batch: dict, layer: int) -> torch.Tensor:
+    base = tiny_model(arch, vocab_size=VOCAB, seed=0).eval()
+    with torch.no_grad():
+        if arch == "tiny-t5":
+            out = base.get_encoder()(**batch, output_hidden_states=True)
+        else:
+            out = base(**batch, output_hidden_states=True)
+    return out.hidden_states[layer]
+
+
+@pytest.mark.parametrize("layer", [1, 2])
+def test_routing_pass_reads_the_frozen_base_layer(arch: str, layer: int) -> None:
+    model = make_peft(arch, router_layer=layer).train()  # skills are not a no-op (init_weights=False)
+    tuner = orchmoe.get_tuner(model)
+    batch = inputs(batch=3, length=7)
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    hidden = layer_hidden_states(tuner.model, layer, tuner._skills_off, ids, mask, None)
+    n_layers = len(backbone_layers(tuner.model)[1])
+    expected = base_hidden_states(arch, batch, layer)
+    if layer < n_layers:  # the last entry of hidden_states has the final norm applied
+        torch.testing.assert_close(hidden, expected)
+    assert hidden.shape == (3, 7, expected.shape[-1]) and not hidden.requires_grad
+    # every module's train/eval mode is restored and no hook is left behind
+    assert all(m.training for m in model.modules())
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+
+
+def test_router_layer_changes_the_routing_and_keeps_generation_exact(arch: str) -> None:
+    batch = inputs(batch=4, length=6)
+    embedding_routed = orchmoe.routing(make_peft(arch).eval(), batch).task_weights
+    model = make_peft(arch, router_layer=1).eval()
+    layer_routed = orchmoe.routing(model, batch).task_weights
+    assert layer_routed.shape == embedding_routed.shape
+    assert not torch.allclose(layer_routed, embedding_routed)
+    kwargs = {"max_new_tokens": 5, "do_sample": False, "pad_token_id": 0}
+    with torch.no_grad():
+        cached = model.generate(**batch, use_cache=True, **kwargs)
+        uncached = model.generate(**batch, use_cache=False, **kwargs)
+    assert torch.equal(cached, uncached)
+
+
+def test_router_layer_trains_the_router(arch: str) -> None:
+    model = make_peft(arch, router_layer=1).train()
+    batch = inputs()
+    labels = batch["input_ids"] if arch == "tiny-gemma3" else seq2seq_extra(arch, 3)["decoder_input_ids"]
+    model(**batch, **seq2seq_extra(arch, 3), labels=labels).loss.backward()
+    proj = orchmoe.get_tuner(model).orchmoe_task_router["default"].proj.weight
+    assert proj.grad is not None and proj.grad.abs().sum() > 0
+
+
+def test_router_layer_beyond_the_model_is_rejected() -> None:
+    model = make_peft("tiny-gemma3", router_layer=99)
+    with pytest.raises(ValueError, match=r"router_layer must be in \[0, 2\]"):
+        orchmoe.routing(model, inputs())
