@@ -73,6 +73,11 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
         "orchmoe",
         {"router_lr_multiplier": 1.0, "noise_scale_end": 0.0, "allocation_lr": 0.1, "router_layer": 6},
     ),
+    # skill parameters mixed per example (Poly's way: a rank-r LoRA per example) instead of skill outputs
+    "orchmoe-fade-alloc-pmix": (
+        "orchmoe",
+        {"router_lr_multiplier": 1.0, "noise_scale_end": 0.0, "allocation_lr": 0.1, "mixing": "parameters"},
+    ),
     # one Gumbel draw per example instead of one per batch, routers at 1x
     "orchmoe-router1-pex": ("orchmoe", {"router_lr_multiplier": 1.0, "noise_per_example": True}),
     "orchmoe-z1": ("orchmoe", {"router_lr_multiplier": 1.0, "allocation_init": 1.0}),

@@ -29,6 +29,7 @@ from tests.conftest import VOCAB, inputs, make_peft
         ({"router_norm": "group"}, "router_norm"),
         ({"router_layer": -1}, "router_layer"),
         ({"router_layer": 1.0}, "router_layer"),
+        ({"mixing": "weights"}, "mixing"),
     ],
 )
 def test_impossible_configs_are_rejected(kwargs: dict, match: str) -> None:

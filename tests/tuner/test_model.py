@@ -239,3 +239,20 @@ def test_routing_state_after_generate_equals_routing(arch: str) -> None:
         model.generate(**batch, max_new_tokens=3, do_sample=False, pad_token_id=0)
     state = orchmoe.get_tuner(model).routing_state.task_weights
     assert torch.equal(state, orchmoe.routing(model, batch).task_weights)
+
+
+def test_parameter_mixing_routes_convex_skill_weights_and_generates_exactly(arch: str) -> None:
+    model = make_peft(arch, mixing="parameters").eval()
+    batch = inputs(batch=3, length=6)
+    for alpha in orchmoe.routing(model, batch).skill_weights.values():
+        assert torch.allclose(alpha.sum(-1), torch.ones(3))  # a convex mix of skills, not scaled by S
+    kwargs = {"max_new_tokens": 5, "do_sample": False, "num_beams": 2, "pad_token_id": 0}
+    with torch.no_grad():
+        cached = model.generate(**batch, use_cache=True, **kwargs)
+        uncached = model.generate(**batch, use_cache=False, **kwargs)
+    assert torch.equal(cached, uncached)
+    model.train()
+    labels = batch["input_ids"] if arch == "tiny-gemma3" else seq2seq_extra(arch, 3)["decoder_input_ids"]
+    model(**batch, **seq2seq_extra(arch, 3), labels=labels).loss.backward()
+    grads = [p.grad for n, p in model.named_parameters() if "orchmoe_A" in n or "orchmoe_skill_router" in n]
+    assert grads and all(g is not None and g.abs().sum() > 0 for g in grads)

@@ -69,6 +69,7 @@ class RunConfig:
     noise_per_example: bool = field(default=False, metadata={"help": "OrchMoE: one Gumbel draw per example."})
     skill_relaxation: str = field(default="gumbel_softmax", metadata={"help": "gumbel_softmax or gumbel_sigmoid."})
     router_mi_weight: float = field(default=0.1, metadata={"help": "OrchMoE router MI weight lambda."})
+    mixing: str = field(default="outputs", metadata={"help": "OrchMoE: mix skill outputs or parameters (as Poly)."})
     router_layer: int = field(default=0, metadata={"help": "OrchMoE router input: 0 embeddings, k layer k."})
     router_norm: str = field(default="batch", metadata={"help": "OrchMoE task router norm: batch, layer, none."})
     share_allocation: bool = field(default=False, metadata={"help": "One allocation matrix for all modules."})

@@ -7,6 +7,7 @@ For a fixed routing, every adapted module computes scaling * sum_j alpha_j B_j A
     lora_B = B_cat                           # (out, S*r)
     lora_alpha / (S*r) = OrchMoE's scaling
 
+(with ``mixing="parameters"`` it is a LoRA of rank r: lora_A = sum_j a_j A_j, lora_B = sum_j a_j B_j, lora_alpha / r),
 so vLLM / S-LoRA / LoRAX can serve it and ``merge_and_unload`` can merge it. The routing comes from one abstract task
 (one-hot task weights), one prompt, or the average task weights of one task's test prompts (alpha is linear in w).
 """
@@ -33,12 +34,19 @@ def lora_from_routing(model: PeftModel, task_weights: torch.Tensor) -> tuple[Lor
     config: OrchMoEConfig = tuner.peft_config[adapter]
     alphas = tuner.skill_weights(task_weights.float(), stochastic=False)  # module -> (1, S)
     weights = {}
+    s, r = config.n_skills, config.r
     for name, layer in tuner.orchmoe_layers():
         a, b = layer.orchmoe_A[adapter], layer.orchmoe_B[adapter]
-        diag = alphas[name][0].repeat_interleave(layer.r[adapter]).to(a.dtype)  # (S*r,)
-        weights[name] = (diag[:, None] * a).detach().clone(), b.detach().clone()  # (S*r, in), (out, S*r)
+        alpha = alphas[name][0].to(a.dtype)  # (S,)
+        if config.mixing == "parameters":
+            a_mix = torch.einsum("s,sri->ri", alpha, a.view(s, r, -1))  # (r, in)
+            b_mix = torch.einsum("s,osr->or", alpha, b.view(-1, s, r))  # (out, r)
+            weights[name] = a_mix.detach().clone(), b_mix.detach().clone()
+        else:
+            diag = alpha.repeat_interleave(r)  # (S*r,)
+            weights[name] = (diag[:, None] * a).detach().clone(), b.detach().clone()  # (S*r, in), (out, S*r)
     lora = LoraConfig(
-        r=config.n_skills * config.r,
+        r=r if config.mixing == "parameters" else s * r,
         lora_alpha=config.lora_alpha,
         target_modules=sorted(weights),
         task_type=config.task_type,

@@ -62,6 +62,7 @@ def peft_config(method: str, model: nn.Module, cfg: RunConfig, n_train_tasks: in
         router_norm=cfg.router_norm,
         share_allocation=cfg.share_allocation,
         router_layer=cfg.router_layer,
+        mixing=cfg.mixing,
         task_router="uniform" if cfg.uniform_task_router else "learned",
         skill_router="uniform" if cfg.uniform_skill_router else "learned",
         router_lr_multiplier=cfg.router_lr_multiplier,

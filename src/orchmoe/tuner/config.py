@@ -12,6 +12,7 @@ from ._registry import ORCHMOE_PEFT_TYPE
 SkillRelaxation = Literal["gumbel_softmax", "gumbel_sigmoid"]
 RouterNorm = Literal["batch", "layer", "none"]
 RouterMode = Literal["learned", "uniform"]
+Mixing = Literal["outputs", "parameters"]
 
 
 @dataclass
@@ -83,6 +84,14 @@ class OrchMoEConfig(PeftConfig):
     share_allocation: bool = field(
         default=False,
         metadata={"help": "One task-skill allocation matrix Z for all modules instead of one per adapted module."},
+    )
+    mixing: Mixing = field(
+        default="outputs",
+        metadata={
+            "help": "'outputs' (paper eq. 3): dh = lora_alpha / (S*r) * sum_j alpha_j B_j A_j x, one rank-S*r product. "
+            "'parameters' (Poly's way, DESIGN.md's option): dh = lora_alpha / r * (sum_j a_j B_j)(sum_j a_j A_j) x "
+            "with skill weights a summing to 1 (never scaled by S): a per-example rank-r LoRA."
+        },
     )
     scale_by_skills: bool = field(
         default=True,
@@ -158,6 +167,7 @@ class OrchMoEConfig(PeftConfig):
             "router_norm": RouterNorm,
             "task_router": RouterMode,
             "skill_router": RouterMode,
+            "mixing": Mixing,
         }
         for name, literal in choices.items():
             allowed = literal.__args__
@@ -170,5 +180,8 @@ class OrchMoEConfig(PeftConfig):
 
     @property
     def scaling(self) -> float:
-        """LoRA scaling of the concatenated skills: lora_alpha / (n_skills * r)."""
+        """LoRA scaling: lora_alpha / (n_skills * r) of the concatenated skills when mixing outputs, lora_alpha / r
+        of the mixed rank-r skill when mixing parameters."""
+        if self.mixing == "parameters":
+            return self.lora_alpha / self.r
         return self.lora_alpha / (self.n_skills * self.r)

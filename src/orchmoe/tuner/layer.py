@@ -8,7 +8,12 @@ computed as ONE low-rank product with a per-example diagonal (no loop over skill
     u  = u * repeat(alpha, r)           # (B, T_seq, S*r)
     dh = scaling * u B_cat^T            # (B, T_seq, out)
 
-so its cost is that of one LoRA of rank S*r plus an elementwise product.
+so its cost is that of one LoRA of rank S*r plus an elementwise product. With ``mixing="parameters"`` (Poly's way)
+the skills' parameters are mixed instead, with skill weights a whose rows sum to 1 (not scaled by S)::
+
+    A_mix = sum_j a_j A_j               # (B, r, in)
+    B_mix = sum_j a_j B_j               # (B, out, r)
+    dh = lora_alpha / r * x A_mix^T B_mix^T   # (B, T_seq, out)
 """
 
 from __future__ import annotations
@@ -31,13 +36,14 @@ class RoutingMissingError(RuntimeError):
 
 class OrchMoELayer(BaseTunerLayer):
     adapter_layer_names = ("orchmoe_A", "orchmoe_B", "orchmoe_skill_router")
-    other_param_names = ("r", "n_skills", "scaling", "orchmoe_dropout")
+    other_param_names = ("r", "n_skills", "scaling", "mixing", "orchmoe_dropout")
 
     def __init__(self, base_layer: nn.Module, **kwargs: Any) -> None:
         self.base_layer = base_layer
         self.r: dict[str, int] = {}
         self.n_skills: dict[str, int] = {}
         self.scaling: dict[str, float] = {}
+        self.mixing: dict[str, str] = {}
         self.orchmoe_A = nn.ParameterDict()  # A_cat: (S*r, in)
         self.orchmoe_B = nn.ParameterDict()  # B_cat: (out, S*r)
         self.orchmoe_skill_router = nn.ModuleDict()  # Z per module (absent when the allocation is shared)
@@ -52,6 +58,7 @@ class OrchMoELayer(BaseTunerLayer):
         s, r = config.n_skills, config.r
         self.r[adapter_name], self.n_skills[adapter_name] = r, s
         self.scaling[adapter_name] = config.scaling
+        self.mixing[adapter_name] = config.mixing
         self.orchmoe_A[adapter_name] = nn.Parameter(torch.empty(s * r, self.in_features))
         self.orchmoe_B[adapter_name] = nn.Parameter(torch.empty(self.out_features, s * r))
         self.orchmoe_dropout[adapter_name] = nn.Dropout(config.lora_dropout) if config.lora_dropout else nn.Identity()
@@ -76,7 +83,10 @@ class OrchMoELayer(BaseTunerLayer):
         """
         a, b = self.orchmoe_A[adapter_name], self.orchmoe_B[adapter_name]
         r = self.r[adapter_name]
-        if skill_weights.shape[-1] != a.shape[0]:
+        if self.mixing[adapter_name] == "parameters":
+            if skill_weights.shape[-1] == a.shape[0]:
+                skill_weights = skill_weights[:, ::r]  # (B', S) from the diagonal repeat(alpha, r)
+        elif skill_weights.shape[-1] != a.shape[0]:
             skill_weights = skill_weights.repeat_interleave(r, dim=-1)  # (B', S*r)
         batch = x.shape[0]
         if skill_weights.shape[0] != batch:
@@ -87,9 +97,25 @@ class OrchMoELayer(BaseTunerLayer):
                 )
             # generate() expands each example for beams / num_return_sequences with repeat_interleave.
             skill_weights = skill_weights.repeat_interleave(batch // skill_weights.shape[0], dim=0)
+        if self.mixing[adapter_name] == "parameters":
+            return self._parameter_mix(adapter_name, x, skill_weights)
         diag = skill_weights.to(a.dtype).view(batch, *([1] * (x.dim() - 2)), a.shape[0])  # (B, 1.., S*r)
         u = F.linear(self.orchmoe_dropout[adapter_name](x.to(a.dtype)), a)  # (B, T_seq, S*r)
         return F.linear(u * diag, b) * self.scaling[adapter_name]  # (B, T_seq, out)
+
+    def _parameter_mix(self, adapter_name: str, x: torch.Tensor, skill_weights: torch.Tensor) -> torch.Tensor:
+        """lora_alpha / r * x (sum_j a_j A_j)^T (sum_j a_j B_j)^T, a the skill weights (rows sum to 1 when mixing
+        parameters): (B, *, in), (B, S) -> (B, *, out)."""
+        a, b = self.orchmoe_A[adapter_name], self.orchmoe_B[adapter_name]
+        s, r = self.n_skills[adapter_name], self.r[adapter_name]
+        weights = skill_weights.to(a.dtype)  # (B, S)
+        a_mix = torch.einsum("bs,sri->bri", weights, a.view(s, r, -1))  # (B, r, in)
+        b_mix = torch.einsum("bs,osr->bor", weights, b.view(-1, s, r))  # (B, out, r)
+        shape = x.shape  # (B, *, in)
+        x = self.orchmoe_dropout[adapter_name](x.to(a.dtype)).reshape(shape[0], -1, shape[-1])  # (B, T_seq, in)
+        u = torch.einsum("bti,bri->btr", x, a_mix)  # (B, T_seq, r)
+        dh = torch.einsum("btr,bor->bto", u, b_mix) * self.scaling[adapter_name]  # (B, T_seq, out)
+        return dh.reshape(*shape[:-1], -1)  # (B, *, out)
 
 
 class Linear(nn.Module, OrchMoELayer):

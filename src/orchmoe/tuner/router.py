@@ -131,7 +131,7 @@ class SkillRouter(nn.Module):
 
         z_i = softmax((Z_i + c g) / tau)   (training, g ~ Gumbel(0, 1))    z_i = softmax(Z_i / tau)   (eval)
         alpha = w^T z                                                     # (B, S), rows sum to 1
-        alpha <- S * alpha                                                # if scale_by_skills
+        alpha <- S * alpha                                   # if scale_by_skills (and mixing outputs)
 
     ``skill_relaxation="gumbel_sigmoid"`` uses Poly's relaxed Bernoulli instead, each row normalised to sum 1.
     The noise g is drawn once per call for the whole batch, or once per example with ``noise_per_example``;
@@ -142,7 +142,8 @@ class SkillRouter(nn.Module):
         super().__init__()
         self.relaxation = config.skill_relaxation
         self.temperature = config.temperature
-        self.scale = float(config.n_skills) if config.scale_by_skills else 1.0
+        # scaled by S when mixing outputs (uniform routing = LoRA of rank S*r); parameter mixing wants a convex mix
+        self.scale = float(config.n_skills) if config.scale_by_skills and config.mixing == "outputs" else 1.0
         self.uniform = config.skill_router == "uniform"
         self.init_range = config.allocation_init
         self.per_example = config.noise_per_example

@@ -1,0 +1,24 @@
+"""Exporting one routing as a plain peft LoRA adapter reproduces OrchMoE under that routing exactly."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from orchmoe.models import tiny_model
+from orchmoe.pipeline.export import lora_from_routing, to_lora_model
+from tests.conftest import VOCAB, inputs, make_peft
+
+
+@pytest.mark.parametrize(("mixing", "rank"), [("outputs", 4 * 2), ("parameters", 2)])
+def test_exported_lora_equals_the_routed_model(mixing: str, rank: int) -> None:
+    model = make_peft("tiny-gemma3", mixing=mixing).eval()  # 4 skills of rank 2, 3 abstract tasks
+    task_weights = torch.tensor([[0.2, 0.5, 0.3]])
+    lora, weights = lora_from_routing(model, task_weights)
+    assert lora.r == rank and all(a.shape[0] == rank for a, _ in weights.values())
+    exported = to_lora_model(tiny_model("tiny-gemma3", vocab_size=VOCAB, seed=0), lora, weights).eval()
+    batch = inputs(batch=2)
+    with torch.no_grad():
+        routed = model(**batch, task_weights=task_weights.repeat(2, 1)).logits
+        plain = exported(**batch).logits
+    torch.testing.assert_close(plain, routed, atol=1e-5, rtol=1e-4)
