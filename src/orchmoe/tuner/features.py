@@ -10,7 +10,7 @@ on layer k: the routing pass costs k layers of inference, never the whole model,
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from typing import Any
 
 import torch
@@ -75,7 +75,7 @@ def _eval_mode(module: nn.Module) -> Iterator[None]:
 def layer_hidden_states(
     model: nn.Module,
     layer: int,
-    switch_off_skills: Callable[[], Any],
+    switch_off_skills: Callable[[], AbstractContextManager[None]],
     input_ids: torch.Tensor | None,
     attention_mask: torch.Tensor | None,
     inputs_embeds: torch.Tensor | None,

@@ -76,18 +76,21 @@ class OrchMoELayer(BaseTunerLayer):
         else:
             nn.init.kaiming_uniform_(self.orchmoe_B[adapter_name], a=math.sqrt(5))
 
+    def layer_weights(self, adapter_name: str, skill_weights: torch.Tensor) -> torch.Tensor:
+        """The skill weights in the form this layer multiplies by: the diagonal repeat(alpha, r) (B', S*r) when mixing
+        outputs, alpha (B', S) itself when mixing parameters; either form is accepted."""
+        r, s = self.r[adapter_name], self.n_skills[adapter_name]
+        if self.mixing[adapter_name] == "parameters":
+            return skill_weights[:, ::r] if skill_weights.shape[-1] == s * r else skill_weights  # (B', S)
+        return skill_weights.repeat_interleave(r, dim=-1) if skill_weights.shape[-1] != s * r else skill_weights
+
     def skill_delta(self, adapter_name: str, x: torch.Tensor, skill_weights: torch.Tensor) -> torch.Tensor:
         """scaling * sum_j alpha_j B_j A_j x for x (B, *, in) and alpha (B', S) with B a multiple of B'.
 
         ``skill_weights`` may also come already expanded to the diagonal repeat(alpha, r): (B', S*r).
         """
         a, b = self.orchmoe_A[adapter_name], self.orchmoe_B[adapter_name]
-        r = self.r[adapter_name]
-        if self.mixing[adapter_name] == "parameters":
-            if skill_weights.shape[-1] == a.shape[0]:
-                skill_weights = skill_weights[:, ::r]  # (B', S) from the diagonal repeat(alpha, r)
-        elif skill_weights.shape[-1] != a.shape[0]:
-            skill_weights = skill_weights.repeat_interleave(r, dim=-1)  # (B', S*r)
+        skill_weights = self.layer_weights(adapter_name, skill_weights)
         batch = x.shape[0]
         if skill_weights.shape[0] != batch:
             if batch % skill_weights.shape[0]:

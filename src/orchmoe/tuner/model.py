@@ -187,7 +187,7 @@ class OrchMoEModel(BaseTuner):
 
     @contextmanager
     def _hooked(self, skill_weights: Mapping[str, torch.Tensor]) -> Iterator[None]:
-        """Hand each named OrchMoE layer its ``skill_weights`` (B, S*r) for the duration (hooks removed in finally)."""
+        """Hand each named OrchMoE layer its ``skill_weights`` for the duration (hooks removed in finally)."""
         layers = dict(self.orchmoe_layers())
         handles = []
         try:
@@ -236,10 +236,7 @@ class OrchMoEModel(BaseTuner):
         )
         alphas = self.skill_weights(task_weights, stochastic=self.training)
         adapter = self._adapter
-        diags = {
-            name: alpha.repeat_interleave(layers[name].r[adapter], dim=-1)  # (B, S*r), once per call
-            for name, alpha in alphas.items()
-        }
+        diags = {name: layers[name].layer_weights(adapter, alpha) for name, alpha in alphas.items()}  # once per call
         with self._hooked(diags):
             yield
 
