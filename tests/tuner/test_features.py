@@ -64,7 +64,6 @@ def test_router_layer_trains_the_router(arch: str) -> None:
     assert proj.grad is not None and proj.grad.abs().sum() > 0
 
 
-def test_router_layer_beyond_the_model_is_rejected() -> None:
-    model = make_peft("tiny-gemma3", router_layer=99)
+def test_router_layer_beyond_the_model_is_rejected_at_injection(arch: str) -> None:
     with pytest.raises(ValueError, match=r"router_layer must be in \[0, 2\]"):
-        orchmoe.routing(model, inputs())
+        make_peft(arch, router_layer=3)

@@ -60,6 +60,15 @@ def backbone_layers(model: nn.Module) -> tuple[nn.Module, nn.ModuleList]:
     return backbone, lists[0]
 
 
+def check_router_layer(model: nn.Module, layer: int) -> None:
+    """Raise an actionable error when the base model has no layer ``layer`` (1-based) to route from."""
+    _, layers = backbone_layers(model)
+    if not 1 <= layer <= len(layers):
+        raise ValueError(
+            f"OrchMoE router_layer must be in [0, {len(layers)}] for this model ({len(layers)} layers), got {layer}."
+        )
+
+
 @contextmanager
 def _eval_mode(module: nn.Module) -> Iterator[None]:
     """Every submodule in eval mode (no dropout) for the duration; each one's own mode restored after."""
@@ -84,9 +93,8 @@ def layer_hidden_states(
 
     ``switch_off_skills`` is a context manager factory under which every OrchMoE layer computes the base output only.
     """
+    check_router_layer(model, layer)
     backbone, layers = backbone_layers(model)
-    if not 1 <= layer <= len(layers):
-        raise ValueError(f"OrchMoE router_layer must be in [0, {len(layers)}] for this model, got {layer}.")
 
     def stop(module: nn.Module, args: tuple, output: Any) -> None:
         raise _ReachedLayer(output[0] if isinstance(output, tuple) else output)

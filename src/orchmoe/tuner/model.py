@@ -21,7 +21,7 @@ from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 from torch import nn
 
 from .config import OrchMoEConfig
-from .features import input_embeddings, layer_hidden_states
+from .features import check_router_layer, input_embeddings, layer_hidden_states
 from .layer import Linear, OrchMoELayer
 from .router import SkillRouter, TaskRouter, routing_entropies
 
@@ -55,6 +55,8 @@ class OrchMoEModel(BaseTuner):
     # ----------------------------------------------------------------------------------------------- injection
     def _pre_injection_hook(self, model: nn.Module, config: OrchMoEConfig, adapter_name: str) -> None:
         embeddings = input_embeddings(model)
+        if config.router_layer > 0:
+            check_router_layer(model, config.router_layer)  # at injection, not at the first forward
         if "orchmoe_task_router" not in self._modules:
             self.orchmoe_task_router = nn.ModuleDict()
             self.orchmoe_shared_skill_router = nn.ModuleDict()
