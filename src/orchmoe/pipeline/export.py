@@ -34,19 +34,16 @@ def lora_from_routing(model: PeftModel, task_weights: torch.Tensor) -> tuple[Lor
     config: OrchMoEConfig = tuner.peft_config[adapter]
     alphas = tuner.skill_weights(task_weights.float(), stochastic=False)  # module -> (1, S)
     weights = {}
-    s, r = config.n_skills, config.r
     for name, layer in tuner.orchmoe_layers():
         a, b = layer.orchmoe_A[adapter], layer.orchmoe_B[adapter]
-        alpha = alphas[name][0].to(a.dtype)  # (S,)
         if config.mixing == "parameters":
-            a_mix = torch.einsum("s,sri->ri", alpha, a.view(s, r, -1))  # (r, in)
-            b_mix = torch.einsum("s,osr->or", alpha, b.view(-1, s, r))  # (out, r)
-            weights[name] = a_mix.detach().clone(), b_mix.detach().clone()
+            a_mix, b_mix = layer.mixed_parameters(adapter, alphas[name])  # (1, r, in), (1, out, r)
+            weights[name] = a_mix[0].detach().clone(), b_mix[0].detach().clone()
         else:
-            diag = alpha.repeat_interleave(r)  # (S*r,)
+            diag = layer.layer_weights(adapter, alphas[name])[0].to(a.dtype)  # (S*r,)
             weights[name] = (diag[:, None] * a).detach().clone(), b.detach().clone()  # (S*r, in), (out, S*r)
     lora = LoraConfig(
-        r=r if config.mixing == "parameters" else s * r,
+        r=config.r if config.mixing == "parameters" else config.n_skills * config.r,
         lora_alpha=config.lora_alpha,
         target_modules=sorted(weights),
         task_type=config.task_type,

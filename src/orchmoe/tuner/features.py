@@ -60,13 +60,14 @@ def backbone_layers(model: nn.Module) -> tuple[nn.Module, nn.ModuleList]:
     return backbone, lists[0]
 
 
-def check_router_layer(model: nn.Module, layer: int) -> None:
-    """Raise an actionable error when the base model has no layer ``layer`` (1-based) to route from."""
-    _, layers = backbone_layers(model)
+def check_router_layer(model: nn.Module, layer: int) -> tuple[nn.Module, nn.ModuleList]:
+    """``backbone_layers(model)``, with an actionable error when it has no layer ``layer`` (1-based) to route from."""
+    backbone, layers = backbone_layers(model)
     if not 1 <= layer <= len(layers):
         raise ValueError(
             f"OrchMoE router_layer must be in [0, {len(layers)}] for this model ({len(layers)} layers), got {layer}."
         )
+    return backbone, layers
 
 
 @contextmanager
@@ -93,8 +94,7 @@ def layer_hidden_states(
 
     ``switch_off_skills`` is a context manager factory under which every OrchMoE layer computes the base output only.
     """
-    check_router_layer(model, layer)
-    backbone, layers = backbone_layers(model)
+    backbone, layers = check_router_layer(model, layer)
 
     def stop(module: nn.Module, args: tuple, output: Any) -> None:
         raise _ReachedLayer(output[0] if isinstance(output, tuple) else output)

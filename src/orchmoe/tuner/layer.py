@@ -106,16 +106,21 @@ class OrchMoELayer(BaseTunerLayer):
         u = F.linear(self.orchmoe_dropout[adapter_name](x.to(a.dtype)), a)  # (B, T_seq, S*r)
         return F.linear(u * diag, b) * self.scaling[adapter_name]  # (B, T_seq, out)
 
-    def _parameter_mix(self, adapter_name: str, x: torch.Tensor, skill_weights: torch.Tensor) -> torch.Tensor:
-        """lora_alpha / r * x (sum_j a_j A_j)^T (sum_j a_j B_j)^T, a the skill weights (rows sum to 1 when mixing
-        parameters): (B, *, in), (B, S) -> (B, *, out)."""
+    def mixed_parameters(self, adapter_name: str, skill_weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sum_j a_j A_j, sum_j a_j B_j) for skill weights a (B, S): (B, r, in), (B, out, r)."""
         a, b = self.orchmoe_A[adapter_name], self.orchmoe_B[adapter_name]
         s, r = self.n_skills[adapter_name], self.r[adapter_name]
         weights = skill_weights.to(a.dtype)  # (B, S)
         a_mix = torch.einsum("bs,sri->bri", weights, a.view(s, r, -1))  # (B, r, in)
         b_mix = torch.einsum("bs,osr->bor", weights, b.view(-1, s, r))  # (B, out, r)
+        return a_mix, b_mix
+
+    def _parameter_mix(self, adapter_name: str, x: torch.Tensor, skill_weights: torch.Tensor) -> torch.Tensor:
+        """lora_alpha / r * x (sum_j a_j A_j)^T (sum_j a_j B_j)^T, a the skill weights (rows sum to 1 when mixing
+        parameters): (B, *, in), (B, S) -> (B, *, out)."""
+        a_mix, b_mix = self.mixed_parameters(adapter_name, skill_weights)  # (B, r, in), (B, out, r)
         shape = x.shape  # (B, *, in)
-        x = self.orchmoe_dropout[adapter_name](x.to(a.dtype)).reshape(shape[0], -1, shape[-1])  # (B, T_seq, in)
+        x = self.orchmoe_dropout[adapter_name](x.to(a_mix.dtype)).reshape(shape[0], -1, shape[-1])  # (B, T_seq, in)
         u = torch.einsum("bti,bri->btr", x, a_mix)  # (B, T_seq, r)
         dh = torch.einsum("btr,bor->bto", u, b_mix) * self.scaling[adapter_name]  # (B, T_seq, out)
         return dh.reshape(*shape[:-1], -1)  # (B, *, out)
