@@ -56,10 +56,6 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "orchmoe-fade-alloc3": ("orchmoe", {"router_lr_multiplier": 1.0, "noise_scale_end": 0.0, "allocation_lr": 0.3}),
     # DESIGN.md's remaining open choices on top of fade-alloc: one Z shared by every module, T = 10 abstract tasks
     # (one per training task of sni-10), and the router's MI term off or at 1.0 (default 0.1)
-    "orchmoe-fade-alloc-shared": (
-        "orchmoe",
-        {"router_lr_multiplier": 1.0, "noise_scale_end": 0.0, "allocation_lr": 0.1, "share_allocation": True},
-    ),
     "orchmoe-fade-alloc-t10": (
         "orchmoe",
         {"router_lr_multiplier": 1.0, "noise_scale_end": 0.0, "allocation_lr": 0.1, "n_abstract_tasks": 10},

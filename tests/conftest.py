@@ -23,7 +23,7 @@ ARCHS = {
 def make_peft(arch: str, seed: int = 0, **overrides) -> torch.nn.Module:
     """A tiny model of ``arch`` with OrchMoE injected; ``init_weights=False`` so skills are not a no-op."""
     task_type, targets = ARCHS[arch]
-    kwargs = {"n_tasks": 3, "n_skills": 4, "r": 2, "target_modules": targets, "task_type": task_type}
+    kwargs = {"n_abstract_tasks": 3, "n_skills": 4, "r": 2, "target_modules": targets, "task_type": task_type}
     kwargs["init_weights"] = False
     kwargs.update(overrides)
     torch.manual_seed(seed)

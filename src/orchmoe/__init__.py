@@ -4,6 +4,7 @@
 ``PeftModel.from_pretrained(base, path)`` work as for peft's own methods.
 """
 
+from .pipeline.export import export_lora
 from .tuner import OrchMoEConfig, OrchMoEModel, Routing
 from .tuner.access import format_parameter_report, get_tuner, parameter_report, routing
 
@@ -14,6 +15,7 @@ __all__ = [
     "OrchMoEModel",
     "Routing",
     "__version__",
+    "export_lora",
     "format_parameter_report",
     "get_tuner",
     "parameter_report",

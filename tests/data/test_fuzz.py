@@ -71,7 +71,7 @@ def test_router_on_random_shapes_and_masks(model, batch: int, length: int, mask_
     try:
         with torch.no_grad():
             out = model(input_ids=ids, routing_mask=mask)
-    except ValueError as err:
+    except (ValueError, RuntimeError) as err:  # empty prompts: torch._assert_async's RuntimeError (no host sync)
         shape_ok = mask_length == length
         assert ("has shape" in str(err)) != shape_ok or "no routing token" in str(err)
         if shape_ok:

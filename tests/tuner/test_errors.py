@@ -15,7 +15,7 @@ from tests.conftest import VOCAB, inputs, make_peft
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({"n_tasks": 0}, "n_tasks"),
+        ({"n_abstract_tasks": 0}, "n_abstract_tasks"),
         ({"n_skills": 0}, "n_skills"),
         ({"r": 0}, "r must"),
         ({"r": 1.5}, "r must"),
@@ -64,7 +64,8 @@ def test_routing_mask_shape_mismatch_and_empty_prompt() -> None:
         model(**batch, routing_mask=torch.ones(2, 5))
     empty = torch.ones(2, 6)
     empty[1] = 0
-    with pytest.raises(ValueError, match=r"examples \[1\].*no routing token"):
+    # checked without a host sync: torch._assert_async raises here on the CPU (on a GPU, at the next sync)
+    with pytest.raises(RuntimeError, match="no routing token"):
         model(**batch, routing_mask=empty)
 
 

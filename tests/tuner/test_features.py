@@ -60,7 +60,7 @@ def test_router_layer_trains_the_router(arch: str) -> None:
     batch = inputs()
     labels = batch["input_ids"] if arch == "tiny-gemma3" else seq2seq_extra(arch, 3)["decoder_input_ids"]
     model(**batch, **seq2seq_extra(arch, 3), labels=labels).loss.backward()
-    proj = orchmoe.get_tuner(model).orchmoe_task_router["default"].proj.weight
+    proj = orchmoe.get_tuner(model).task_router().proj.weight
     assert proj.grad is not None and proj.grad.abs().sum() > 0
 
 

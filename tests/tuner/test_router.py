@@ -12,7 +12,7 @@ from orchmoe.tuner.router import entropy, mutual_information_loss, relax
 
 def test_task_router_attention_is_the_papers_formula() -> None:
     torch.manual_seed(0)
-    router = TaskRouter(8, OrchMoEConfig(n_tasks=3, router_norm="none")).eval()
+    router = TaskRouter(8, OrchMoEConfig(n_abstract_tasks=3, router_norm="none")).eval()
     x = torch.randn(2, 5, 8)
     mask = torch.ones(2, 5, dtype=torch.bool)
     attn = torch.softmax(x @ x.transpose(1, 2) / 8**0.5, dim=-1)
@@ -24,7 +24,7 @@ def test_task_router_attention_is_the_papers_formula() -> None:
 
 def test_task_router_batch_statistics_in_training_running_statistics_at_eval() -> None:
     torch.manual_seed(0)
-    router = TaskRouter(8, OrchMoEConfig(n_tasks=3)).train()
+    router = TaskRouter(8, OrchMoEConfig(n_abstract_tasks=3)).train()
     x, mask = torch.randn(6, 4, 8) + 5.0, torch.ones(6, 4)
     router(x, mask)
     assert router.norm.num_batches_tracked.item() == 1
@@ -44,7 +44,7 @@ def test_task_router_with_centring_and_mi_discovers_tasks_from_nearly_parallel_p
     labels = torch.arange(32) % 2
     x = torch.stack([centres[i] + 0.1 * torch.randn(16) for i in labels.tolist()])[:, None, :]  # (32, 1, 16)
     mask = torch.ones(32, 1)
-    router = TaskRouter(16, OrchMoEConfig(n_tasks=2, router_attention=False)).train()
+    router = TaskRouter(16, OrchMoEConfig(n_abstract_tasks=2, router_attention=False)).train()
     opt = torch.optim.Adam(router.parameters(), lr=1e-2)
     for _ in range(100):
         opt.zero_grad()
@@ -61,7 +61,11 @@ def test_task_router_with_centring_and_mi_discovers_tasks_from_nearly_parallel_p
 def test_skill_router_rows(relaxation: str, scale: bool, per_example: bool) -> None:
     torch.manual_seed(0)
     cfg = OrchMoEConfig(
-        n_tasks=3, n_skills=5, skill_relaxation=relaxation, scale_by_skills=scale, noise_per_example=per_example
+        n_abstract_tasks=3,
+        n_skills=5,
+        skill_relaxation=relaxation,
+        scale_by_skills=scale,
+        noise_per_example=per_example,
     )
     router = SkillRouter(cfg)
     torch.nn.init.normal_(router.logits)
@@ -79,7 +83,7 @@ def test_skill_router_rows(relaxation: str, scale: bool, per_example: bool) -> N
 @pytest.mark.parametrize("init", [1e-3, 1.0, 3.0])
 def test_allocation_init_sets_the_range_of_z(init: float) -> None:
     torch.manual_seed(0)
-    router = SkillRouter(OrchMoEConfig(n_tasks=16, n_skills=16, allocation_init=init))
+    router = SkillRouter(OrchMoEConfig(n_abstract_tasks=16, n_skills=16, allocation_init=init))
     z = router.logits.detach()
     assert z.abs().max() <= init and z.abs().max() > 0.8 * init  # uniform in [-a, a], 256 draws
     spread = router.allocation(stochastic=False).max(dim=-1).values.mean()  # mean row max of softmax(Z)
@@ -101,8 +105,8 @@ def test_noise_scale_interpolates_between_eval_and_full_noise(relaxation: str) -
 
 def test_low_temperature_sharpens_the_allocation() -> None:
     torch.manual_seed(0)
-    sharp = SkillRouter(OrchMoEConfig(n_tasks=2, n_skills=4, temperature=0.05))
-    soft = SkillRouter(OrchMoEConfig(n_tasks=2, n_skills=4, temperature=5.0))
+    sharp = SkillRouter(OrchMoEConfig(n_abstract_tasks=2, n_skills=4, temperature=0.05))
+    soft = SkillRouter(OrchMoEConfig(n_abstract_tasks=2, n_skills=4, temperature=5.0))
     logits = torch.randn(2, 4)
     sharp.logits.data, soft.logits.data = logits.clone(), logits.clone()
     assert entropy(sharp.allocation(False)).mean() < entropy(soft.allocation(False)).mean()

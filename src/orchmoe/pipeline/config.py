@@ -72,7 +72,6 @@ class RunConfig:
     mixing: str = field(default="outputs", metadata={"help": "OrchMoE: mix skill outputs or parameters (as Poly)."})
     router_layer: int = field(default=0, metadata={"help": "OrchMoE router input: 0 embeddings, k layer k."})
     router_norm: str = field(default="batch", metadata={"help": "OrchMoE task router norm: batch, layer, none."})
-    share_allocation: bool = field(default=False, metadata={"help": "One allocation matrix for all modules."})
     uniform_task_router: bool = field(default=False, metadata={"help": "Ablation: fixed uniform task weights."})
     uniform_skill_router: bool = field(default=False, metadata={"help": "Ablation: fixed uniform allocation."})
     checkpoint_every: int = field(default=0, metadata={"help": "Checkpoint every N optimizer steps (0 = never)."})

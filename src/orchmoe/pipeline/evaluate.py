@@ -72,8 +72,8 @@ def generate(
             pad_token_id=tokenizer.pad_token_id,
             eos_token_id=tokenizer.eos_token_id,
         )
-        if method == "orchmoe":  # the routing generate() computed from the prompts (eval mode: deterministic)
-            weights.append(get_tuner(model).routing_state.task_weights.float().cpu().numpy())
+        if method == "orchmoe":  # the routing generate() used (eval mode: deterministic, the same prompts)
+            weights.append(get_tuner(model).routing(**kwargs).task_weights.float().cpu().numpy())
         new = out if loaded.is_encoder_decoder else out[:, batch["input_ids"].shape[1] :]
         texts = tokenizer.batch_decode(new, skip_special_tokens=True)
         for task, index, text in zip(batch["task"], batch["index"], texts, strict=True):

@@ -52,6 +52,26 @@ def lora_from_routing(model: PeftModel, task_weights: torch.Tensor) -> tuple[Lor
     return lora, weights
 
 
+def export_lora(model: PeftModel, task_weights: torch.Tensor, out: str | Path) -> Path:
+    """Write ``model`` (OrchMoE) routed by ``task_weights`` (1, T) as a standard peft LoRA adapter directory.
+
+    The model is left as it is; the directory loads with plain peft (``PeftModel.from_pretrained``) and merges with
+    ``merge_and_unload``.
+    """
+    from safetensors.torch import save_file
+
+    lora, weights = lora_from_routing(model, task_weights)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    lora.save_pretrained(out)
+    tensors = {}
+    for name, (a, b) in weights.items():
+        tensors[f"base_model.model.{name}.lora_A.weight"] = a.contiguous()
+        tensors[f"base_model.model.{name}.lora_B.weight"] = b.contiguous()
+    save_file(tensors, out / "adapter_model.safetensors")
+    return out
+
+
 def to_lora_model(base: nn.Module, lora: LoraConfig, weights: dict[str, tuple[torch.Tensor, torch.Tensor]]):
     """A peft LoRA model on ``base`` carrying ``weights``."""
     model = get_peft_model(base, lora)
@@ -78,7 +98,7 @@ def export_run(
     if cfg.method != "orchmoe":
         raise ValueError(f"{run} was trained with --method {cfg.method}; only OrchMoE runs can be exported this way.")
     tuner = get_tuner(model)
-    n_tasks = tuner.peft_config[tuner._adapter].n_tasks
+    n_tasks = tuner.peft_config[tuner._adapter].n_abstract_tasks
     with torch.no_grad():
         if abstract_task is not None:
             if not 0 <= abstract_task < n_tasks:

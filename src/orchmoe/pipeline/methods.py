@@ -50,7 +50,7 @@ def peft_config(method: str, model: nn.Module, cfg: RunConfig, n_train_tasks: in
     return OrchMoEConfig(
         r=cfg.rank,
         n_skills=cfg.n_skills,
-        n_tasks=cfg.n_abstract_tasks,
+        n_abstract_tasks=cfg.n_abstract_tasks,
         lora_alpha=cfg.lora_alpha,
         target_modules=targets,
         task_type=task_type,
@@ -60,7 +60,6 @@ def peft_config(method: str, model: nn.Module, cfg: RunConfig, n_train_tasks: in
         skill_relaxation=cfg.skill_relaxation,
         router_mi_weight=cfg.router_mi_weight,
         router_norm=cfg.router_norm,
-        share_allocation=cfg.share_allocation,
         router_layer=cfg.router_layer,
         mixing=cfg.mixing,
         task_router="uniform" if cfg.uniform_task_router else "learned",

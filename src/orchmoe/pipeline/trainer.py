@@ -205,6 +205,7 @@ def train(cfg: RunConfig, out: Path, resume: bool = False, overwrite: bool = Fal
     window: list[tuple[float, float]] = pending["window"]  # losses since the last log entry
     assignments: list[torch.Tensor] = pending["assignments"]
     iterator = iter(loader)
+    entropies: tuple[torch.Tensor, torch.Tensor] | None = None  # of the last OrchMoE forward
     for step in range(start + 1, steps + 1):
         if cfg.method == "orchmoe" and (cfg.temperature_end is not None or cfg.noise_scale_end is not None):
             set_relaxation(unwrapped, **relaxation_at(cfg, (step - 1) / max(1, steps - 1)))
@@ -223,7 +224,9 @@ def train(cfg: RunConfig, out: Path, resume: bool = False, overwrite: bool = Fal
                 if cfg.method == "orchmoe":
                     tuner = get_tuner(unwrapped)
                     aux = tuner.router_aux_loss()
-                    assignments.append(tuner.routing_state.task_weights.detach().argmax(-1).cpu())
+                    state = tuner.routing_state  # of this forward (its graph is alive until backward)
+                    entropies = (state.entropy_per_example, state.entropy_marginal)
+                    assignments.append(state.task_weights.detach().argmax(-1).cpu())
                 total = loss + aux
                 finite = torch.isfinite(total.detach()).float()
                 if accelerator.reduce(finite.to(accelerator.device), "sum").item() < accelerator.num_processes:
@@ -243,7 +246,7 @@ def train(cfg: RunConfig, out: Path, resume: bool = False, overwrite: bool = Fal
         scheduler.step()
         bar.update(1)
         if skipped or step % cfg.log_every == 0 or step == steps:
-            entry = _log_entry(step, window, skipped, scheduler, began, start, unwrapped, cfg, assignments)
+            entry = _log_entry(step, window, skipped, scheduler, began, cfg, assignments, entropies)
             log.append(entry)
             window, assignments = [], []
             bar.set_postfix(loss=f"{entry.get('loss', float('nan')):.3f}")
@@ -285,7 +288,7 @@ def _state(model, optimizer, scheduler, step: int, log: list[dict[str, Any]], pe
     }
 
 
-def _log_entry(step, window, skipped, scheduler, began, start, model, cfg, assignments) -> dict[str, Any]:
+def _log_entry(step, window, skipped, scheduler, began, cfg, assignments, entropies) -> dict[str, Any]:
     entry: dict[str, Any] = {"step": step, "lr": scheduler.get_last_lr()[0], "seconds": round(time.time() - began, 2)}
     if window:
         entry["loss"] = sum(w[0] for w in window) / len(window)
@@ -293,9 +296,9 @@ def _log_entry(step, window, skipped, scheduler, began, start, model, cfg, assig
     if skipped:
         entry["skipped_nonfinite"] = True
     if cfg.method == "orchmoe":
-        state = get_tuner(model).routing_state
-        entry["entropy_per_example"] = state.entropy_per_example
-        entry["entropy_marginal"] = state.entropy_marginal
+        if entropies is not None:
+            entry["entropy_per_example"] = entropies[0].item()  # of the last forward
+            entry["entropy_marginal"] = entropies[1].item()
         if assignments and not cfg.uniform_task_router and cfg.n_abstract_tasks > 1:
             used = torch.cat(assignments).unique().numel()
             entry["abstract_tasks_used"] = used

@@ -1,4 +1,4 @@
-"""Configuration of the OrchMoE tuner (PEFT-style dataclass; every choice of DESIGN.md is a field)."""
+"""Configuration of the OrchMoE tuner (a peft config dataclass)."""
 
 from __future__ import annotations
 
@@ -26,7 +26,13 @@ class OrchMoEConfig(PeftConfig):
 
     r: int = field(default=2, metadata={"help": "LoRA rank of one skill."})
     n_skills: int = field(default=8, metadata={"help": "Number of LoRA skills S in each adapted module."})
-    n_tasks: int = field(default=4, metadata={"help": "Number of abstract tasks T the Task Router infers."})
+    n_abstract_tasks: int = field(
+        default=4,
+        metadata={
+            "help": "Number of abstract tasks T the Task Router infers from the prompt (not the number of real tasks, "
+            "which OrchMoE never sees; peft's Poly calls those n_tasks)."
+        },
+    )
     lora_alpha: float = field(
         default=16.0, metadata={"help": "LoRA alpha; the skill output is scaled by lora_alpha / (n_skills * r)."}
     )
@@ -80,10 +86,6 @@ class OrchMoEConfig(PeftConfig):
             "help": "Relaxation of the task-skill allocation: 'gumbel_softmax' (each abstract task's row is a "
             "distribution over skills) or 'gumbel_sigmoid' (Poly's relaxed Bernoulli, rows normalised)."
         },
-    )
-    share_allocation: bool = field(
-        default=False,
-        metadata={"help": "One task-skill allocation matrix Z for all modules instead of one per adapted module."},
     )
     mixing: Mixing = field(
         default="outputs",
@@ -141,10 +143,18 @@ class OrchMoEConfig(PeftConfig):
         metadata={"help": "Learning rate of router parameters (W_task, allocation logits) relative to the skills'."},
     )
 
+    @classmethod
+    def check_kwargs(cls, **kwargs: object) -> dict[str, object]:
+        """Configs saved before the rename call the number of abstract tasks ``n_tasks``."""
+        if "n_tasks" in kwargs and "n_abstract_tasks" not in kwargs:
+            kwargs["n_abstract_tasks"] = kwargs.pop("n_tasks")
+        kwargs.pop("share_allocation", None)  # removed option (always one allocation per module)
+        return super().check_kwargs(**kwargs)
+
     def __post_init__(self) -> None:
         super().__post_init__()
         self.peft_type = ORCHMOE_PEFT_TYPE
-        for name in ("r", "n_skills", "n_tasks"):
+        for name in ("r", "n_skills", "n_abstract_tasks"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"OrchMoEConfig.{name} must be an integer >= 1, got {value!r}.")

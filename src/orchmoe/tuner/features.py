@@ -43,6 +43,13 @@ def input_embeddings(model: nn.Module) -> nn.Embedding:
     return embeddings
 
 
+def input_embedding_modules(model: nn.Module) -> list[nn.Module]:
+    """Every module that embeds input tokens: the input embedding table and the modules sharing its weight (T5's
+    encoder and decoder each hold their own ``embed_tokens`` tied to ``shared``)."""
+    weight = input_embeddings(model).weight
+    return [m for m in model.modules() if isinstance(m, nn.Embedding) and m.weight is weight]
+
+
 def backbone_layers(model: nn.Module) -> tuple[nn.Module, nn.ModuleList]:
     """The module that maps the prompt to hidden states (the encoder of an encoder-decoder, else the base model's
     backbone) and its list of layers."""

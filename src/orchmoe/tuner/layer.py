@@ -25,17 +25,33 @@ import torch
 import torch.nn.functional as F
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 from .config import OrchMoEConfig
-from .router import SkillRouter
+from .router import SkillRouter, TaskRouter
+from .routing import RoutingSlot
 
 
 class RoutingMissingError(RuntimeError):
     """An OrchMoE layer ran without per-example skill weights."""
 
 
+def linear_features(base: nn.Module) -> tuple[int, int] | None:
+    """(in_features, out_features) of a layer OrchMoE can adapt: torch.nn.Linear (k-bit subclasses included) or
+    transformers' Conv1D (GPT-2 style, weight stored (in, out)); None for anything else."""
+    if isinstance(base, nn.Linear):
+        return base.in_features, base.out_features
+    if isinstance(base, Conv1D):
+        return base.weight.shape[0], base.weight.shape[1]
+    return None
+
+
 class OrchMoELayer(BaseTunerLayer):
-    adapter_layer_names = ("orchmoe_A", "orchmoe_B", "orchmoe_skill_router")
+    """A pool of S LoRA skills on one layer, with that layer's allocation Z. The first OrchMoE layer of each adapter
+    also hosts the adapter's Task Router, so that peft saves, loads, renames, freezes, casts and deletes it with the
+    adapter's other weights."""
+
+    adapter_layer_names = ("orchmoe_A", "orchmoe_B", "orchmoe_skill_router", "orchmoe_task_router")
     other_param_names = ("r", "n_skills", "scaling", "mixing", "orchmoe_dropout")
 
     def __init__(self, base_layer: nn.Module, **kwargs: Any) -> None:
@@ -46,13 +62,17 @@ class OrchMoELayer(BaseTunerLayer):
         self.mixing: dict[str, str] = {}
         self.orchmoe_A = nn.ParameterDict()  # A_cat: (S*r, in)
         self.orchmoe_B = nn.ParameterDict()  # B_cat: (out, S*r)
-        self.orchmoe_skill_router = nn.ModuleDict()  # Z per module (absent when the allocation is shared)
+        self.orchmoe_skill_router = nn.ModuleDict()  # Z of this module
+        self.orchmoe_task_router = nn.ModuleDict()  # only on the adapter's first layer
         self.orchmoe_dropout = nn.ModuleDict()
+        self.routing_slot = RoutingSlot()  # replaced by the tuner's shared slot
         self.kwargs = kwargs
-        base = self.get_base_layer()
-        if not isinstance(base, nn.Linear):
-            raise TypeError(f"OrchMoE adapts torch.nn.Linear modules only, got {type(base).__name__}.")
-        self.in_features, self.out_features = base.in_features, base.out_features
+        features = linear_features(self.get_base_layer())
+        if features is None:
+            raise TypeError(
+                f"OrchMoE adapts torch.nn.Linear and transformers Conv1D modules, got {type(base_layer).__name__}."
+            )
+        self.in_features, self.out_features = features
 
     def update_layer(self, adapter_name: str, config: OrchMoEConfig, inference_mode: bool = False) -> None:
         s, r = config.n_skills, config.r
@@ -62,11 +82,16 @@ class OrchMoELayer(BaseTunerLayer):
         self.orchmoe_A[adapter_name] = nn.Parameter(torch.empty(s * r, self.in_features))
         self.orchmoe_B[adapter_name] = nn.Parameter(torch.empty(self.out_features, s * r))
         self.orchmoe_dropout[adapter_name] = nn.Dropout(config.lora_dropout) if config.lora_dropout else nn.Identity()
-        if not config.share_allocation:
-            self.orchmoe_skill_router[adapter_name] = SkillRouter(config)
+        self.orchmoe_skill_router[adapter_name] = SkillRouter(config)
         self.reset_parameters(adapter_name, config.init_weights)
         self._move_adapter_to_device_of_base_layer(adapter_name)
         self.set_adapter(self.active_adapters, inference_mode=inference_mode)
+
+    def host_task_router(self, adapter_name: str, embed_dim: int, config: OrchMoEConfig) -> None:
+        """Create the adapter's Task Router on this layer (its first OrchMoE layer)."""
+        self.orchmoe_task_router[adapter_name] = TaskRouter(embed_dim, config)
+        self._move_adapter_to_device_of_base_layer(adapter_name)
+        self.set_adapter(self.active_adapters)
 
     def reset_parameters(self, adapter_name: str, init_weights: bool) -> None:
         # Every skill's A is initialised as LoRA's (kaiming uniform over fan_in = in_features), B to zero.
@@ -127,8 +152,8 @@ class OrchMoELayer(BaseTunerLayer):
 
 
 class Linear(nn.Module, OrchMoELayer):
-    """An nn.Linear with an OrchMoE skill pool. Skill weights arrive as the ``skill_weights`` keyword argument,
-    passed by the forward pre-hooks that :class:`OrchMoEModel` registers for the duration of one call."""
+    """An nn.Linear (or Conv1D) with an OrchMoE skill pool. Its skill weights for the call in progress come from the
+    routing slot the tuner shares with every layer (``orchmoe.tuner.routing``), or as an explicit ``skill_weights``."""
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, config: OrchMoEConfig, **kwargs: Any) -> None:
         super().__init__()
@@ -146,9 +171,14 @@ class Linear(nn.Module, OrchMoELayer):
         if not active:
             return result
         if skill_weights is None:
+            routing = self.routing_slot.get()
+            skill_weights = None if routing is None else routing.for_layer(self)
+        if skill_weights is None:
             raise RoutingMissingError(
                 "An OrchMoE layer was called without routing. Call the model through the PeftModel returned by "
-                "get_peft_model / PeftModel.from_pretrained (or OrchMoEModel), which routes from the prompt."
+                "get_peft_model / PeftModel.from_pretrained (or OrchMoEModel), which routes from the prompt; for "
+                "gradient checkpointing use model.gradient_checkpointing_enable() rather than wrapping layers in "
+                "torch.utils.checkpoint yourself."
             )
         for name in active:
             result = result + self.skill_delta(name, x, skill_weights).to(result.dtype)
@@ -157,7 +187,7 @@ class Linear(nn.Module, OrchMoELayer):
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
         raise NotImplementedError(
             "OrchMoE's update depends on each example's routing and cannot be merged into the base weights. Export "
-            "one routing as a plain LoRA adapter (orchmoe.export_lora) and merge that instead."
+            "one routing as a plain LoRA adapter (orchmoe.export_routing_as_lora) and merge that instead."
         )
 
     def unmerge(self) -> None:

@@ -1,18 +1,26 @@
 """OrchMoEModel: injects OrchMoE layers into a transformers model and routes every call from the prompt.
 
-One Task Router per model computes the abstract-task weights w (B, T) once per sequence; each adapted module turns w
-into its skill weights alpha (B, S) with its own allocation Z (or one shared Z). The weights reach the layers as an
-explicit ``skill_weights`` keyword argument, through forward pre-hooks that live exactly as long as one ``forward`` or
-``generate`` call (removed in ``finally``). During ``generate`` the routing is computed from the prompt before the
-prefill step and reused at every decoding step; the KV cache is left as the caller configured it.
+How routing flows, once per ``forward`` or ``generate`` call:
+
+1. The active adapter's Task Router (hosted by its first OrchMoE layer) reads the prompt (``routing_mask``, else
+   ``attention_mask``) and gives abstract-task weights w (B, T).
+2. Every OrchMoE layer's allocation Z turns w into skill weights alpha (B, S), all layers in one vectorised call,
+   expanded once to the form the layer multiplies by.
+3. The result is published in the routing slot shared by the layers (``orchmoe.tuner.routing``); it is held by the
+   call, and in training by the call's autograd graph, so gradient checkpointing recomputes layers with the same
+   routing; the model itself holds only a weak reference. ``generate`` routes from the prompt before prefill and
+   every decoding step reuses that routing; the KV cache stays as the caller configured it.
+
+No host synchronisation happens in a forward, and collectives (the Task Router's global-batch statistics under data
+parallelism) only in training mode.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+import re
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from functools import partial
 from typing import Any
 
 import torch
@@ -21,9 +29,11 @@ from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 from torch import nn
 
 from .config import OrchMoEConfig
-from .features import check_router_layer, input_embeddings, layer_hidden_states
-from .layer import Linear, OrchMoELayer
-from .router import SkillRouter, TaskRouter, routing_entropies
+from .features import check_router_layer, input_embedding_modules, input_embeddings, layer_hidden_states
+from .layer import Linear, OrchMoELayer, linear_features
+from .router import TaskRouter, routing_entropies
+from .routing import CallRouting, RoutingSlot, RoutingState, enter, tie
+from .targets import check_per_example_batch, default_text_targets, text_module_prefix
 
 
 @dataclass
@@ -34,36 +44,30 @@ class Routing:
     skill_weights: dict[str, torch.Tensor] = field(default_factory=dict)  # module name -> (B, S)
 
 
-@dataclass
-class RoutingState:
-    """Routing statistics of the last forward call (for the loss and the training log)."""
-
-    task_weights: torch.Tensor  # (B, T)
-    mi_loss: torch.Tensor  # scalar: mean_b H(w_b) - H(mean_b w)
-    entropy_per_example: float
-    entropy_marginal: float
-
-
 class OrchMoEModel(BaseTuner):
-    """The OrchMoE tuner (see ``orchmoe.tuner`` and DESIGN.md). Created by ``peft.get_peft_model``."""
+    """The OrchMoE tuner (see ``orchmoe.tuner``). Created by ``peft.get_peft_model`` with an ``OrchMoEConfig``."""
 
     prefix: str = "orchmoe_"
     tuner_layer_cls = OrchMoELayer
     target_module_mapping = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
-    uses_shared_state = True  # the Task Router (and a shared allocation) live on the tuner
 
     # ----------------------------------------------------------------------------------------------- injection
-    def _pre_injection_hook(self, model: nn.Module, config: OrchMoEConfig, adapter_name: str) -> None:
-        embeddings = input_embeddings(model)
+    def inject_adapter(self, model: nn.Module, adapter_name: str, *args: Any, **kwargs: Any) -> None:
+        """peft's injection, plus the adapter's Task Router on its first OrchMoE layer. Every way peft adds an adapter
+        (``get_peft_model``, ``add_adapter``, ``load_adapter``, ``from_pretrained``) comes through here."""
+        config: OrchMoEConfig = self.peft_config[adapter_name]
+        self._router_dim = input_embeddings(model).embedding_dim
         if config.router_layer > 0:
             check_router_layer(model, config.router_layer)  # at injection, not at the first forward
-        if "orchmoe_task_router" not in self._modules:
-            self.orchmoe_task_router = nn.ModuleDict()
-            self.orchmoe_shared_skill_router = nn.ModuleDict()
-        device = embeddings.weight.device
-        self.orchmoe_task_router[adapter_name] = TaskRouter(embeddings.embedding_dim, config).to(device)
-        if config.share_allocation:
-            self.orchmoe_shared_skill_router[adapter_name] = SkillRouter(config).to(device)
+        self._text_prefix = text_module_prefix(model)  # multimodal: only the language model is per-example
+        default_text_targets(model, config, self._text_prefix)
+        if "routing_slot" not in self.__dict__:
+            self.routing_slot = RoutingSlot()
+        self._hosting = adapter_name  # the first layer created for this adapter hosts its Task Router
+        try:
+            super().inject_adapter(model, adapter_name, *args, **kwargs)
+        finally:
+            self._hosting = None
 
     def _create_and_replace(
         self,
@@ -72,35 +76,52 @@ class OrchMoEModel(BaseTuner):
         target: nn.Module,
         target_name: str,
         parent: nn.Module,
+        current_key: str,
         **optional_kwargs: Any,
     ) -> None:
+        check_per_example_batch(current_key, self._text_prefix)
         if isinstance(target, OrchMoELayer):
             target.update_layer(adapter_name, config)
-            return
-        base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
-        if not isinstance(base, nn.Linear):
-            raise TypeError(
-                f"Target module {target_name!r} is a {type(base).__name__}; OrchMoE adapts torch.nn.Linear modules "
-                "only. Change `target_modules`."
-            )
-        new_module = Linear(target, adapter_name, config)
-        if adapter_name not in self.active_adapters:
-            new_module.requires_grad_(False)
-        self._replace_module(parent, target_name, new_module, target)
+            layer = target
+        else:
+            base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
+            if linear_features(base) is None:
+                raise TypeError(
+                    f"Target module {current_key!r} is a {type(base).__name__}; OrchMoE adapts torch.nn.Linear and "
+                    "transformers Conv1D modules only. Change `target_modules`."
+                )
+            layer = Linear(target, adapter_name, config)
+            if adapter_name not in self.active_adapters:
+                layer.requires_grad_(False)
+            self._replace_module(parent, target_name, layer, target)
+        layer.routing_slot = self.routing_slot
+        if self._hosting == adapter_name:
+            layer.host_task_router(adapter_name, self._router_dim, config)
+            if adapter_name not in self.active_adapters:
+                layer.orchmoe_task_router[adapter_name].requires_grad_(False)
+            self._hosting = None
 
     # ----------------------------------------------------------------------------------------------- routing
     @property
     def _adapter(self) -> str:
         active = self.active_adapters
         if len(active) != 1:
-            raise ValueError(f"OrchMoE routes one active adapter at a time, got {active}.")
+            raise ValueError(f"OrchMoE routes one active adapter at a time, got {active}; call set_adapter(name).")
         return active[0]
 
-    def orchmoe_layers(self) -> Iterator[tuple[str, OrchMoELayer]]:
-        """(name, layer) of every OrchMoE layer, names relative to the wrapped model."""
+    def orchmoe_layers(self, adapter: str | None = None) -> Iterator[tuple[str, OrchMoELayer]]:
+        """(name, layer) of every OrchMoE layer (that has ``adapter``), names relative to the wrapped model."""
         for name, module in self.model.named_modules():
-            if isinstance(module, OrchMoELayer):
+            if isinstance(module, OrchMoELayer) and (adapter is None or adapter in module.orchmoe_A):
                 yield name, module
+
+    def task_router(self, adapter: str | None = None) -> TaskRouter:
+        """The Task Router of ``adapter`` (default: the active one)."""
+        adapter = adapter or self._adapter
+        for _, layer in self.orchmoe_layers(adapter):
+            if adapter in layer.orchmoe_task_router:
+                return layer.orchmoe_task_router[adapter]
+        raise KeyError(f"OrchMoE adapter {adapter!r} has no Task Router; adapters: {list(self.peft_config)}.")
 
     def task_weights(
         self,
@@ -118,7 +139,7 @@ class OrchMoEModel(BaseTuner):
         if inputs_embeds is None and input_ids is None:
             raise ValueError(
                 "OrchMoE routes from the prompt: pass `input_ids` (or `inputs_embeds`), or explicit "
-                "`task_weights` of shape (batch, n_tasks)."
+                "`task_weights` of shape (batch, n_abstract_tasks)."
             )
         layer = self.peft_config[self._adapter].router_layer
         if layer > 0:
@@ -129,21 +150,8 @@ class OrchMoEModel(BaseTuner):
             with torch.no_grad():
                 inputs_embeds = input_embeddings(self.model)(input_ids)  # (B, L, d)
         embeds = inputs_embeds.detach()
-        shape = tuple(embeds.shape[:2])
-        mask = torch.ones(shape, dtype=torch.bool, device=embeds.device)
-        for mask_name, given in (("attention_mask", attention_mask), ("routing_mask", routing_mask)):
-            if given is None:
-                continue
-            if tuple(given.shape) != shape:
-                raise ValueError(
-                    f"OrchMoE: `{mask_name}` has shape {tuple(given.shape)} but the input has shape {shape}; it "
-                    "must mark the prompt tokens of each sequence (1 = route from this token)."
-                )
-            mask = mask & given.to(device=embeds.device).bool()
-        empty = (~mask.any(dim=1)).nonzero().flatten().tolist()
-        if empty:
-            raise ValueError(f"OrchMoE: examples {empty} of the batch have no routing token (empty prompt).")
-        return self.orchmoe_task_router[self._adapter](embeds, mask, deterministic=deterministic)  # (B, T)
+        mask = routing_tokens(tuple(embeds.shape[:2]), embeds.device, attention_mask, routing_mask)  # (B, L)
+        return self.task_router()(embeds, mask, deterministic=deterministic)  # (B, T)
 
     def skill_weights(self, task_weights: torch.Tensor, stochastic: bool) -> dict[str, torch.Tensor]:
         """Per-module skill weights alpha (B, S) for abstract-task weights w (B, T).
@@ -152,14 +160,7 @@ class OrchMoEModel(BaseTuner):
         draw per example, and alpha = S * w z (M, B, S).
         """
         adapter = self._adapter
-        if adapter in self.orchmoe_shared_skill_router:
-            alpha = self.orchmoe_shared_skill_router[adapter](task_weights, stochastic)  # (B, S)
-            return {name: alpha for name, _ in self.orchmoe_layers()}
-        routers = {
-            name: layer.orchmoe_skill_router[adapter]
-            for name, layer in self.orchmoe_layers()
-            if adapter in layer.orchmoe_skill_router
-        }
+        routers = {name: layer.orchmoe_skill_router[adapter] for name, layer in self.orchmoe_layers(adapter)}
         if not routers:
             return {}
         first = next(iter(routers.values()))
@@ -180,110 +181,116 @@ class OrchMoEModel(BaseTuner):
             w = self.task_weights(input_ids, attention_mask, routing_mask, inputs_embeds, deterministic=True)
             return Routing(task_weights=w, skill_weights=self.skill_weights(w, stochastic=False))
 
-    @staticmethod
-    def _inject_skill_weights(
-        module: nn.Module, args: tuple, kwargs: dict, skill_weights: torch.Tensor
-    ) -> tuple[tuple, dict]:
-        kwargs["skill_weights"] = skill_weights
-        return args, kwargs
-
-    @contextmanager
-    def _hooked(self, skill_weights: Mapping[str, torch.Tensor]) -> Iterator[None]:
-        """Hand each named OrchMoE layer its ``skill_weights`` for the duration (hooks removed in finally)."""
-        layers = dict(self.orchmoe_layers())
-        handles = []
-        try:
-            for name, weights in skill_weights.items():
-                hook = partial(self._inject_skill_weights, skill_weights=weights)
-                handles.append(layers[name].register_forward_pre_hook(hook, with_kwargs=True))
-            yield
-        finally:
-            for handle in handles:
-                handle.remove()
-
     def _skills_off(self) -> Any:
         """Every OrchMoE layer adds exactly nothing for the duration (zero skill weights): the frozen base model."""
         adapter = self._adapter
         zeros = {
-            name: layer.orchmoe_A[adapter].new_zeros(1, layer.orchmoe_A[adapter].shape[0])  # (1, S*r)
-            for name, layer in self.orchmoe_layers()
-            if adapter in layer.orchmoe_A
+            layer: layer.orchmoe_A[adapter].new_zeros(1, layer.orchmoe_A[adapter].shape[0])  # (1, S*r)
+            for _, layer in self.orchmoe_layers(adapter)
         }
-        return self._hooked(zeros)
+        return self.routing_slot.published(CallRouting(zeros))
 
-    @contextmanager
-    def _routed(self, args: tuple, kwargs: dict, routing_mask: torch.Tensor | None, task_weights: Any) -> Iterator:
-        """Compute the routing of one call and hand it to every OrchMoE layer for the duration of the call."""
-        layers = dict(self.orchmoe_layers())
-        if not layers or all(layer.disable_adapters for layer in layers.values()):
-            yield
-            return
+    def _call_routing(self, args: tuple, kwargs: dict, routing_mask: Any, task_weights: Any) -> CallRouting | None:
+        """Route one call: task weights, then every layer's skill weights in the form it multiplies by."""
+        if not self.active_adapters or all(layer.disable_adapters for _, layer in self.orchmoe_layers()):
+            return None  # no adapter left, or disable_adapter(): the base model
+        adapter = self._adapter
+        n_tasks = self.peft_config[adapter].n_abstract_tasks
         if task_weights is None:
             input_ids = kwargs.get("input_ids", args[0] if args else None)
             task_weights = self.task_weights(
                 input_ids, kwargs.get("attention_mask"), routing_mask, kwargs.get("inputs_embeds")
             )
-        elif task_weights.dim() != 2 or task_weights.shape[-1] != self.peft_config[self._adapter].n_tasks:
+        elif task_weights.dim() != 2 or task_weights.shape[-1] != n_tasks:
             raise ValueError(
-                f"`task_weights` must have shape (batch, n_tasks={self.peft_config[self._adapter].n_tasks}), got "
-                f"{tuple(task_weights.shape)}."
+                f"`task_weights` must have shape (batch, n_abstract_tasks={n_tasks}), got {tuple(task_weights.shape)}."
             )
-        # one computation (one all_gather under data parallelism) serves the loss and the log
+        # one computation (one all_gather under data parallelism, in training only) serves the loss and the log
         per_example, marginal = routing_entropies(task_weights, global_batch=self.training)
-        self.routing_state = RoutingState(
-            task_weights=task_weights,
-            mi_loss=per_example - marginal,  # = mutual_information_loss(task_weights)
-            entropy_per_example=per_example.item(),
-            entropy_marginal=marginal.item(),
-        )
+        state = RoutingState(task_weights, per_example - marginal, per_example.detach(), marginal.detach())
+        layers = dict(self.orchmoe_layers(adapter))
         alphas = self.skill_weights(task_weights, stochastic=self.training)
-        adapter = self._adapter
-        diags = {name: layers[name].layer_weights(adapter, alpha) for name, alpha in alphas.items()}  # once per call
-        with self._hooked(diags):
+        weights = {layers[name]: layers[name].layer_weights(adapter, alpha) for name, alpha in alphas.items()}
+        return CallRouting(weights, state)
+
+    @contextmanager
+    def _tied(self, routing: CallRouting, kwargs: dict) -> Iterator[None]:
+        """In training with autograd on, let the call's graph hold the routing (for checkpointed recomputation)."""
+        if not (self.training and torch.is_grad_enabled()):
             yield
+            return
+        for key in ("inputs_embeds", "decoder_inputs_embeds"):
+            if kwargs.get(key) is not None:
+                kwargs[key] = tie(kwargs[key], routing)
+        handles = [
+            module.register_forward_hook(lambda _m, _a, out: tie(out, routing))
+            for module in input_embedding_modules(self.model)
+        ]
+        head = self.model.get_output_embeddings() if hasattr(self.model, "get_output_embeddings") else None
+        if isinstance(head, nn.Module):
+            slot = self.routing_slot
+            handles.append(head.register_forward_hook(lambda _m, _a, out: enter(out, slot, routing)))
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
 
     def forward(
         self, *args: Any, routing_mask: torch.Tensor | None = None, task_weights: Any = None, **kwargs: Any
     ) -> Any:
         """The wrapped model's forward, routed. In training mode with ``labels``, the router objective
         ``router_mi_weight * (mean_b H(w_b) - H(mean_b w))`` is added to ``loss`` (like Mixtral's aux loss)."""
-        with self._routed(args, kwargs, routing_mask, task_weights):
+        routing = self._call_routing(args, kwargs, routing_mask, task_weights)
+        if routing is None:
+            return self.model(*args, **kwargs)
+        with self.routing_slot.published(routing), self._tied(routing, kwargs):
             output = self.model(*args, **kwargs)
         weight = self.peft_config[self._adapter].router_mi_weight
         if self.training and weight > 0 and getattr(output, "loss", None) is not None:
-            output.loss = output.loss + weight * self.routing_state.mi_loss
+            output.loss = output.loss + weight * routing.state.mi_loss
         return output
 
     def generate(
         self, *args: Any, routing_mask: torch.Tensor | None = None, task_weights: Any = None, **kwargs: Any
     ) -> Any:
         """The wrapped model's generate, routed once from the prompt; every decoding step reuses that routing."""
-        with self._routed(args, kwargs, routing_mask, task_weights):
+        routing = self._call_routing(args, kwargs, routing_mask, task_weights)
+        if routing is None:
+            return self.model.generate(*args, **kwargs)
+        with self.routing_slot.published(routing):
             return self.model.generate(*args, **kwargs)
 
+    @property
+    def routing_state(self) -> RoutingState:
+        """Routing statistics of the training call whose autograd graph is alive (between forward and backward)."""
+        routing = self.routing_slot.get()
+        if routing is None or routing.state is None:
+            raise RuntimeError(
+                "OrchMoE keeps no routing after a call: routing_state and router_aux_loss() are available between a "
+                "training-mode forward and the end of its backward. For the routing of a batch use orchmoe.routing."
+            )
+        return routing.state
+
     def router_aux_loss(self) -> torch.Tensor:
-        """``router_mi_weight * mi_loss`` of the last forward call (for training loops that compute their own loss)."""
+        """``router_mi_weight * mi_loss`` of the training call in progress (for loops that compute their own loss)."""
         return self.peft_config[self._adapter].router_mi_weight * self.routing_state.mi_loss
 
     # ----------------------------------------------------------------------------------------------- parameters
     def router_parameters(self) -> list[nn.Parameter]:
         """Router parameters (W_task, b, allocation logits Z): they get their own learning rate."""
         adapter = self._adapter
-        params = list(self.orchmoe_task_router[adapter].parameters())
-        if adapter in self.orchmoe_shared_skill_router:
-            params += list(self.orchmoe_shared_skill_router[adapter].parameters())
-        for _, layer in self.orchmoe_layers():
-            if adapter in layer.orchmoe_skill_router:
-                params += list(layer.orchmoe_skill_router[adapter].parameters())
+        params = list(self.task_router(adapter).parameters())
+        for _, layer in self.orchmoe_layers(adapter):
+            params += list(layer.orchmoe_skill_router[adapter].parameters())
         return params
 
     def parameter_counts(self) -> dict[str, int]:
         """Trainable-parameter report: skills, task router and skill routers counted separately."""
         adapter = self._adapter
-        skills = sum(
-            layer.orchmoe_A[adapter].numel() + layer.orchmoe_B[adapter].numel() for _, layer in self.orchmoe_layers()
-        )
-        task_router = sum(p.numel() for p in self.orchmoe_task_router[adapter].parameters() if p.requires_grad)
+        layers = [layer for _, layer in self.orchmoe_layers(adapter)]
+        skills = sum(layer.orchmoe_A[adapter].numel() + layer.orchmoe_B[adapter].numel() for layer in layers)
+        task_router = sum(p.numel() for p in self.task_router(adapter).parameters() if p.requires_grad)
         skill_router = sum(p.numel() for p in self.router_parameters() if p.requires_grad) - task_router
         base = sum(p.numel() for name, p in self.model.named_parameters() if "orchmoe_" not in name)
         return {
@@ -296,35 +303,59 @@ class OrchMoEModel(BaseTuner):
 
     # ----------------------------------------------------------------------------------------------- loading
     @classmethod
+    def _remove_adapter_name_from_key(cls, key: str, adapter_name: str) -> str:
+        """Checkpoint keys carry no adapter name, also below a module's depth (``orchmoe_task_router.<name>.proj.
+        weight`` -> ``orchmoe_task_router.proj.weight``), so an adapter loads under any name."""
+        return re.sub(rf"(\.orchmoe_\w+?)\.{re.escape(adapter_name)}(?=\.|$)", r"\1", key)
+
+    @classmethod
     def _remap_adapter_state_dict_for_load(
         cls, model: nn.Module, config: OrchMoEConfig, adapter_name: str, state_dict: dict[str, torch.Tensor]
     ) -> dict[str, torch.Tensor]:
         remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
-        _check_adapter_fits(model.state_dict(), remapped, adapter_name, config)
+        check_adapter_fits(model.state_dict(), remapped, adapter_name, config)
         return remapped
 
     def _check_merge_allowed(self) -> None:
         raise ValueError(
-            "OrchMoE routes per example and cannot be merged. Export one routing as a LoRA adapter "
-            "(orchmoe.export_lora) and merge that."
+            "OrchMoE routes per example and cannot be merged into the base weights. Export one routing as a plain "
+            "LoRA adapter (orchmoe.export_lora) and merge that."
         )
 
 
-def _check_adapter_fits(
-    model_state: Mapping[str, torch.Tensor],
-    adapter_state: Mapping[str, torch.Tensor],
-    adapter_name: str,
-    config: OrchMoEConfig,
+def routing_tokens(
+    shape: tuple[int, int], device: torch.device, attention_mask: Any, routing_mask: Any
+) -> torch.Tensor:
+    """The tokens to route from (B, L): ``attention_mask`` and ``routing_mask`` where given. An example with none
+    fails with an asynchronous device assertion (no host sync)."""
+    mask = torch.ones(shape, dtype=torch.bool, device=device)
+    for mask_name, given in (("attention_mask", attention_mask), ("routing_mask", routing_mask)):
+        if given is None:
+            continue
+        if tuple(given.shape) != shape:
+            raise ValueError(
+                f"OrchMoE: `{mask_name}` has shape {tuple(given.shape)} but the input has shape {shape}; it "
+                "must mark the prompt tokens of each sequence (1 = route from this token)."
+            )
+        mask = mask & given.to(device=device).bool()
+    torch._assert_async(mask.any(dim=1).all(), "OrchMoE: an example of the batch has no routing token (empty prompt).")
+    return mask
+
+
+def check_adapter_fits(
+    model_state: dict[str, torch.Tensor], adapter_state: dict[str, torch.Tensor], adapter_name: str, config: Any
 ) -> None:
     """Raise one clear error when a saved adapter does not fit the model it is loaded into."""
-    expected = {k for k in model_state if "orchmoe_" in k and f".{adapter_name}" in k}
+    expected = {
+        k for k in model_state if "orchmoe_" in k and (f".{adapter_name}." in k or k.endswith(f".{adapter_name}"))
+    }
     source = config.base_model_name_or_path or "an unknown base model"
     for key, value in adapter_state.items():
         if key in model_state and tuple(model_state[key].shape) != tuple(value.shape):
             raise ValueError(
                 f"Cannot load this OrchMoE adapter: tensor {key!r} has shape {tuple(value.shape)} in the adapter but "
                 f"{tuple(model_state[key].shape)} in the model. The adapter was trained on {source} (or with another "
-                "n_skills / r / n_tasks); load it into a base model of the same architecture."
+                "n_skills / r / n_abstract_tasks); load it into a base model of the same architecture."
             )
     missing = sorted(expected - set(adapter_state))
     if missing:

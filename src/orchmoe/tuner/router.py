@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .config import OrchMoEConfig
@@ -54,9 +55,10 @@ class TaskRouter(nn.Module):
             self.norm = nn.LayerNorm(embed_dim, elementwise_affine=False)
         else:
             self.norm = nn.Identity()
-        self.proj = nn.Linear(embed_dim, config.n_tasks)  # W_task, b
+        self.n_tasks = config.n_abstract_tasks
         self.uniform = config.task_router == "uniform"
-        self.proj.requires_grad_(not self.uniform)
+        # W_task, b (absent in the uniform ablation: nothing to train, and nothing peft's set_adapter could unfreeze)
+        self.proj = None if self.uniform else nn.Linear(embed_dim, config.n_abstract_tasks)
 
     def pool(self, embeds: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Masked self-attention with residual, then masked mean over tokens: (B, L, d), (B, L) -> (B, d)."""
@@ -75,24 +77,32 @@ class TaskRouter(nn.Module):
         ``deterministic=True`` routes as at eval (running statistics) whatever the module's mode.
         """
         if self.uniform:  # ablation: no Task Router
-            return embeds.new_full((embeds.shape[0], self.proj.out_features), 1.0 / self.proj.out_features).float()
-        pooled = self.pool(embeds, mask)  # (B, d)
+            return torch.full((embeds.shape[0], self.n_tasks), 1.0 / self.n_tasks, device=embeds.device)  # (B, T)
+        pooled = self.pool(embeds, mask)  # (B, d), fp32 whatever the parameters' dtype
         if isinstance(self.norm, nn.BatchNorm1d):
-            norm = self.norm
-            batch = gather_batch(pooled) if self.training and not deterministic else pooled  # (B_global, d)
-            if self.training and not deterministic and batch.shape[0] > 1:
-                mean, var = batch.mean(dim=0), batch.var(dim=0, unbiased=False)  # (d,), (d,)
-                with torch.no_grad():
-                    n = batch.shape[0]
-                    norm.running_mean.lerp_(mean.detach(), norm.momentum)
-                    norm.running_var.lerp_(var.detach() * n / (n - 1), norm.momentum)
-                    norm.num_batches_tracked.add_(1)
-            else:  # eval, or a batch of one: running statistics
-                mean, var = norm.running_mean, norm.running_var
-            pooled = (pooled - mean) / torch.sqrt(var + norm.eps)  # (B, d)
+            pooled = self._centre(pooled, deterministic)  # (B, d)
         else:
             pooled = self.norm(pooled)  # (B, d)
-        return self.proj(pooled).softmax(dim=-1)  # (B, T)
+        logits = F.linear(pooled, self.proj.weight.float(), self.proj.bias.float())  # (B, T)
+        return logits.softmax(dim=-1)  # (B, T)
+
+    def _centre(self, pooled: torch.Tensor, deterministic: bool) -> torch.Tensor:
+        """BatchNorm without affine: global-batch statistics in training (running statistics updated), running
+        statistics at eval or for a batch of one: (B, d) -> (B, d)."""
+        norm = self.norm
+        train = self.training and not deterministic
+        batch = gather_batch(pooled) if train else pooled  # (B_global, d)
+        if train and batch.shape[0] > 1:
+            mean, var = batch.mean(dim=0), batch.var(dim=0, unbiased=False)  # (d,), (d,)
+            with torch.no_grad():
+                n = batch.shape[0]
+                stats = norm.running_mean.dtype
+                norm.running_mean.lerp_(mean.detach().to(stats), norm.momentum)
+                norm.running_var.lerp_((var.detach() * n / (n - 1)).to(stats), norm.momentum)
+                norm.num_batches_tracked.add_(1)
+        else:
+            mean, var = norm.running_mean.float(), norm.running_var.float()
+        return (pooled - mean) / torch.sqrt(var + norm.eps)
 
 
 def relax(
@@ -148,7 +158,7 @@ class SkillRouter(nn.Module):
         self.init_range = config.allocation_init
         self.per_example = config.noise_per_example
         self.noise_scale = config.noise_scale
-        logits = torch.zeros(config.n_tasks, config.n_skills)  # Z: (T, S)
+        logits = torch.zeros(config.n_abstract_tasks, config.n_skills)  # Z: (T, S)
         if self.uniform:  # a buffer: nothing to train, and peft's set_adapter cannot turn it trainable
             self.register_buffer("logits", logits)
         else:

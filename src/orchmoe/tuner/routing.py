@@ -1,0 +1,150 @@
+"""How one call's routing reaches the OrchMoE layers, in forward and in a recomputation during backward.
+
+The tuner computes a call's routing once (:class:`CallRouting`: one skill-weight tensor per layer) and publishes it
+in a :class:`RoutingSlot` that every OrchMoE layer of the model shares. The slot holds only a *weak* reference, so
+the model never keeps a routing alive by itself. What keeps it alive:
+
+- the tuner's ``forward`` / ``generate`` frame, for the duration of the call;
+- in training with autograd on, the autograd graph of the call: :func:`tie` passes the embedding output through an
+  identity node whose context holds the routing. Gradient checkpointing recomputes layers during backward, before
+  that node runs (every layer is downstream of it), so a recomputed layer finds the same routing; once backward has
+  freed the graph, nothing holds it. An identity node on the model's output (:func:`enter`), the first node its
+  backward runs, publishes the routing again, in case another call ran between this call's forward and backward.
+
+Reentrant checkpointing recomputes a layer inside a nested ``backward`` call, which must not run through the
+routers' graph (it is shared by every layer and would be freed by the first nested call). During such a
+recomputation a layer therefore gets a detached leaf copy of its skill weights; the leaf's gradient is parked in
+the routing and handed to the routers' graph by the identity node, whose backward runs after every layer's. Without
+checkpointing, or with non-reentrant checkpointing, gradients take the ordinary path.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any
+
+import torch
+from torch import nn
+
+
+@dataclass
+class RoutingState:
+    """Routing statistics of one call (for the loss and the training log); tensors, no host sync."""
+
+    task_weights: torch.Tensor  # (B, T)
+    mi_loss: torch.Tensor  # scalar: mean_b H(w_b) - H(mean_b w)
+    entropy_per_example: torch.Tensor  # scalar, detached
+    entropy_marginal: torch.Tensor  # scalar, detached
+
+
+@dataclass(eq=False)
+class CallRouting:
+    """The skill weights of every OrchMoE layer for one call, in the form each layer multiplies by."""
+
+    weights: dict[nn.Module, torch.Tensor]  # layer -> (B, S*r) or (B, S)
+    state: RoutingState | None = None
+    parked: dict[nn.Module, torch.Tensor] = field(default_factory=dict)  # gradients from reentrant recomputations
+
+    def for_layer(self, layer: nn.Module) -> torch.Tensor | None:
+        weights = self.weights.get(layer)
+        if weights is None or not (weights.requires_grad and torch.is_grad_enabled() and _in_backward()):
+            return weights
+        leaf = weights.detach().requires_grad_()  # a reentrant recomputation: see the module docstring
+        leaf.register_hook(partial(self._park, layer))
+        return leaf
+
+    def _park(self, layer: nn.Module, grad: torch.Tensor) -> None:
+        self.parked[layer] = grad if layer not in self.parked else self.parked[layer] + grad
+
+
+def _in_backward() -> bool:
+    return torch._C._current_graph_task_id() != -1
+
+
+class RoutingSlot:
+    """Shared by a tuner and its layers: a weak reference to the routing of the call in progress.
+
+    Copies and pickles of a model get an empty slot (a routing belongs to one call, never to the model).
+    """
+
+    __slots__ = ("__weakref__", "_depth", "_ref")
+
+    def __init__(self) -> None:
+        self._ref: weakref.ReferenceType[CallRouting] | None = None
+        self._depth = 0  # calls in progress
+
+    def get(self) -> CallRouting | None:
+        return None if self._ref is None else self._ref()
+
+    def set(self, routing: CallRouting | None) -> CallRouting | None:
+        """Publish ``routing`` (None: none); returns the previous one, to restore after a nested call."""
+        previous = self.get()
+        self._ref = None if routing is None else weakref.ref(routing)
+        return previous
+
+    @contextmanager
+    def published(self, routing: CallRouting) -> Iterator[CallRouting]:
+        """``routing`` for the duration. A call nested in another (the routing pass of ``router_layer``) restores the
+        outer call's routing after it; an outermost call leaves its weak reference, alive as long as the call's
+        autograd graph (if any) holds the routing."""
+        nested, self._depth = self._depth > 0, self._depth + 1
+        previous = self.set(routing)
+        try:
+            yield routing
+        finally:
+            self._depth -= 1
+            if nested:
+                self.set(previous)
+
+    def __reduce__(self) -> tuple[type, tuple]:
+        return RoutingSlot, ()
+
+
+class _Enter(torch.autograd.Function):
+    """Identity on the model's output (a view: no copy); its backward, the first of the call's graph to run,
+    publishes the call's routing again, so recomputations in this backward use it even if another call ran since."""
+
+    @staticmethod
+    def forward(ctx: Any, output: torch.Tensor, slot: RoutingSlot, routing: CallRouting) -> torch.Tensor:
+        ctx.slot, ctx.routing = slot, routing
+        return output.view_as(output)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        ctx.slot.set(ctx.routing)
+        return grad, None, None
+
+
+def enter(output: torch.Tensor, slot: RoutingSlot, routing: CallRouting) -> torch.Tensor:
+    """``output`` unchanged; when backward reaches it, ``routing`` is published in ``slot`` again."""
+    return _Enter.apply(output, slot, routing) if output.requires_grad else output
+
+
+class _Tie(torch.autograd.Function):
+    """Identity on ``hidden``; its context holds the routing while the graph lives, and its backward hands the
+    gradients parked by reentrant recomputations to the routers' graph."""
+
+    @staticmethod
+    def forward(ctx: Any, hidden: torch.Tensor, routing: CallRouting, anchor: torch.Tensor, *weights: torch.Tensor):
+        ctx.routing = routing
+        ctx.layers = list(routing.weights)
+        return hidden.clone()
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        parked = ctx.routing.parked
+        return (grad, None, None, *(parked.pop(layer, None) for layer in ctx.layers))
+
+
+def tie(hidden: torch.Tensor, routing: CallRouting) -> torch.Tensor:
+    """``hidden`` unchanged, made part of the autograd graph that keeps ``routing`` alive (see the module docstring).
+
+    The anchor, a scalar leaf, puts the node in the graph even when nothing else of it requires grad (frozen
+    routers), as peft's ``enable_input_require_grads`` does for reentrant checkpointing.
+    """
+    anchor = torch.zeros((), device=hidden.device, requires_grad=True)
+    return _Tie.apply(hidden, routing, anchor, *routing.weights.values())

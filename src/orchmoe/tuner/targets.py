@@ -1,0 +1,53 @@
+"""Which modules OrchMoE may adapt: those whose batch dimension is the batch of examples.
+
+OrchMoE gives each example its own skill weights, so an adapted module's input must be indexed by example (or by
+example x beam). In a multimodal model the vision (or audio) tower runs over images, not examples: the number of
+images per example varies, so no per-example routing can be mapped onto its batch. Those towers are left out of the
+default targets and refused when targeted explicitly; the language model (and its head) is adapted as usual.
+"""
+
+from __future__ import annotations
+
+from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+from torch import nn
+
+from .config import OrchMoEConfig
+
+_TOWER_CONFIGS = ("vision_config", "audio_config")
+
+
+def text_module_prefix(model: nn.Module) -> str | None:
+    """The name of a multimodal model's language model (its per-example part); None for a text-only model."""
+    config = getattr(model, "config", None)
+    if not any(getattr(config, key, None) is not None for key in _TOWER_CONFIGS):
+        return None
+    decoder = model.get_decoder()
+    for name, module in model.named_modules():
+        if module is decoder:
+            return name
+    raise ValueError(f"OrchMoE could not locate the language model of {type(model).__name__} (get_decoder()).")
+
+
+def check_per_example_batch(key: str, text_prefix: str | None) -> None:
+    """Refuse a target outside the language model of a multimodal model (``text_prefix``), naming the way out."""
+    if text_prefix is not None and not key.startswith(text_prefix + "."):
+        raise ValueError(
+            f"OrchMoE cannot adapt {key!r}: it is outside the language model, in a vision/audio tower or projector "
+            "whose batch holds images rather than examples, so no example's routing can be assigned to it. Target "
+            f"modules under {text_prefix!r} only, e.g. leave target_modules unset."
+        )
+
+
+def default_text_targets(model: nn.Module, config: OrchMoEConfig, prefix: str | None) -> None:
+    """With ``target_modules`` unset on a multimodal model: peft's LoRA defaults, in the language model only."""
+    if prefix is None or config.target_modules is not None:
+        return
+    model_type = getattr(model.config, "model_type", None)
+    names = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING.get(model_type)
+    if names is None:
+        raise ValueError(f"No default target modules for model type {model_type!r}; set target_modules.")
+    config.target_modules = {
+        key
+        for key, module in model.named_modules()
+        if key.startswith(prefix + ".") and key.rsplit(".", 1)[-1] in names and isinstance(module, nn.Linear)
+    }
