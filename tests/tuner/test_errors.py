@@ -39,12 +39,24 @@ def test_impossible_configs_are_rejected(kwargs: dict, match: str) -> None:
 
 def test_target_module_not_found() -> None:
     with pytest.raises(ValueError, match="not found in the base model"):
-        get_peft_model(tiny_model("tiny-gemma3", vocab_size=VOCAB), OrchMoEConfig(target_modules=["nope_proj"]))
+        get_peft_model(
+            tiny_model("tiny-gemma3", vocab_size=VOCAB),
+            OrchMoEConfig(target_modules=["nope_proj"], task_type="CAUSAL_LM"),
+        )
 
 
 def test_non_linear_target_is_rejected() -> None:
     with pytest.raises(TypeError, match=r"nn\.Linear"):
-        get_peft_model(tiny_model("tiny-gemma3", vocab_size=VOCAB), OrchMoEConfig(target_modules=["embed_tokens"]))
+        get_peft_model(
+            tiny_model("tiny-gemma3", vocab_size=VOCAB),
+            OrchMoEConfig(target_modules=["embed_tokens"], task_type="CAUSAL_LM"),
+        )
+
+
+def test_missing_task_type_is_refused() -> None:
+    """Without a task type, peft's plain PeftModel would call the base model and bypass the routing."""
+    with pytest.raises(ValueError, match="task_type='CAUSAL_LM'"):
+        get_peft_model(tiny_model("tiny-gemma3", vocab_size=VOCAB), OrchMoEConfig(target_modules=["q_proj"]))
 
 
 def test_model_without_input_embeddings() -> None:

@@ -57,6 +57,11 @@ class OrchMoEModel(BaseTuner):
         (``get_peft_model``, ``add_adapter``, ``load_adapter``, ``from_pretrained``) comes through here."""
         config: OrchMoEConfig = self.peft_config[adapter_name]
         self._router_dim = input_embeddings(model).embedding_dim
+        if config.task_type not in ("CAUSAL_LM", "SEQ_2_SEQ_LM"):
+            raise ValueError(
+                f"OrchMoEConfig needs task_type='CAUSAL_LM' or 'SEQ_2_SEQ_LM' (got {config.task_type!r}): only then "
+                "does the PeftModel that get_peft_model returns call OrchMoE's forward, which routes each call."
+            )
         if config.router_layer > 0:
             check_router_layer(model, config.router_layer)  # at injection, not at the first forward
         self._text_prefix = text_module_prefix(model)  # multimodal: only the language model is per-example

@@ -42,7 +42,8 @@ def default_text_targets(model: nn.Module, config: OrchMoEConfig, prefix: str | 
     """With ``target_modules`` unset on a multimodal model: peft's LoRA defaults, in the language model only."""
     if prefix is None or config.target_modules is not None:
         return
-    model_type = getattr(model.config, "model_type", None)
+    text_config = getattr(model.config, "text_config", None) or model.config
+    model_type = getattr(text_config, "model_type", None)  # the language model's type, e.g. gemma3_text
     names = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING.get(model_type)
     if names is None:
         raise ValueError(f"No default target modules for model type {model_type!r}; set target_modules.")
