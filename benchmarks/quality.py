@@ -38,8 +38,9 @@ from orchmoe.pipeline.trainer import train
 # name -> (peft method, RunConfig changes); "orchmoe-tau4" is the temperature fix found on the built-in suite,
 # "orchmoe-anneal" anneals the Gumbel temperature from 4 to 1 over training (evaluated at 1), "orchmoe-router1" trains
 # the routers at the adapters' learning rate (default: 10x), "orchmoe-t16" has 16 abstract tasks instead of 4,
-# "orchmoe-z1"/"-z3" are orchmoe-router1 with the allocation logits Z initialised in [-1, 1] / [-3, 3] (default 1e-3)
-# ("-t16": 16 abstract tasks, "-router10": routers at 10x), "orchmoe-router1-tau4" is orchmoe-router1 at temperature 4
+# "orchmoe-router1-tau4" is orchmoe-router1 at temperature 4. Variants of options since removed from the library
+# (Z's init range, one Z shared by all modules, router on layer 6, parameter mixing, one draw per example, the
+# Gumbel-sigmoid ablation) are in BENCHMARKS.md with their results; they ran at commit 637b08f.
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "orchmoe": ("orchmoe", {}),
     "orchmoe-tau4": ("orchmoe", {"temperature": 4.0}),
@@ -51,11 +52,10 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "orchmoe-router1-cool": ("orchmoe", {"router_lr_multiplier": 1.0, "temperature": 1.0, "temperature_end": 8.0}),
     # Gumbel noise scaled linearly 1 -> 0 at tau 1 (training ends on the eval relaxation, Z's sharpness kept)
     "orchmoe-fade": ("orchmoe", {"router_lr_multiplier": 1.0, "noise_scale_end": 0.0}),
-    "orchmoe-fade-z1": ("orchmoe", {"router_lr_multiplier": 1.0, "noise_scale_end": 0.0, "allocation_init": 1.0}),
     "orchmoe-fade-alloc": ("orchmoe", {"router_lr_multiplier": 1.0, "noise_scale_end": 0.0, "allocation_lr": 0.1}),
     "orchmoe-fade-alloc3": ("orchmoe", {"router_lr_multiplier": 1.0, "noise_scale_end": 0.0, "allocation_lr": 0.3}),
-    # DESIGN.md's remaining open choices on top of fade-alloc: one Z shared by every module, T = 10 abstract tasks
-    # (one per training task of sni-10), and the router's MI term off or at 1.0 (default 0.1)
+    # the paper's remaining open choices on top of fade-alloc: T = 10 abstract tasks (one per training task of
+    # sni-10) and the router's MI term at 1.0 (default 0.1)
     "orchmoe-fade-alloc-t10": (
         "orchmoe",
         {"router_lr_multiplier": 1.0, "noise_scale_end": 0.0, "allocation_lr": 0.1, "n_abstract_tasks": 10},
@@ -64,22 +64,6 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
         "orchmoe",
         {"router_lr_multiplier": 1.0, "noise_scale_end": 0.0, "allocation_lr": 0.1, "router_mi_weight": 1.0},
     ),
-    # the Task Router reads the frozen base model's hidden states after layer 6 (of 18) instead of input embeddings
-    "orchmoe-fade-alloc-l6": (
-        "orchmoe",
-        {"router_lr_multiplier": 1.0, "noise_scale_end": 0.0, "allocation_lr": 0.1, "router_layer": 6},
-    ),
-    # skill parameters mixed per example (Poly's way: a rank-r LoRA per example) instead of skill outputs
-    "orchmoe-fade-alloc-pmix": (
-        "orchmoe",
-        {"router_lr_multiplier": 1.0, "noise_scale_end": 0.0, "allocation_lr": 0.1, "mixing": "parameters"},
-    ),
-    # one Gumbel draw per example instead of one per batch, routers at 1x
-    "orchmoe-router1-pex": ("orchmoe", {"router_lr_multiplier": 1.0, "noise_per_example": True}),
-    "orchmoe-z1": ("orchmoe", {"router_lr_multiplier": 1.0, "allocation_init": 1.0}),
-    "orchmoe-z3": ("orchmoe", {"router_lr_multiplier": 1.0, "allocation_init": 3.0}),
-    "orchmoe-z3-t16": ("orchmoe", {"router_lr_multiplier": 1.0, "allocation_init": 3.0, "n_abstract_tasks": 16}),
-    "orchmoe-z3-router10": ("orchmoe", {"allocation_init": 3.0}),
     # the task-skill logits at mttl's absolute module_logits_learning_rate (0.1), for OrchMoE and the baselines alike
     "orchmoe-alloc": ("orchmoe", {"router_lr_multiplier": 1.0, "allocation_lr": 0.1}),
     "poly-alloc": ("poly", {"allocation_lr": 0.1}),
@@ -94,7 +78,6 @@ ABLATIONS: dict[str, dict[str, Any]] = {
     "orchmoe (tau 1)": {},
     "no task router (uniform w)": {"uniform_task_router": True},
     "no skill router (uniform z)": {"uniform_skill_router": True},
-    "gumbel-sigmoid": {"skill_relaxation": "gumbel_sigmoid"},
     "tau 0.5": {"temperature": 0.5},
     "tau 4": {"temperature": 4.0},
 }

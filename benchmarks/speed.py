@@ -159,8 +159,6 @@ def main() -> None:
     parser.add_argument("--skills", type=int, default=8)
     parser.add_argument("--rank", type=int, default=2)
     parser.add_argument("--abstract-tasks", type=int, default=4)
-    parser.add_argument("--router-layer", type=int, default=0, help="OrchMoE router input: 0 embeddings, k layer k")
-    parser.add_argument("--mixing", default="outputs", choices=["outputs", "parameters"], help="OrchMoE skill mixing")
     parser.add_argument("--sweep", action="store_true", help="also step time / memory against S and T")
     parser.add_argument("--memory-only", action="store_true",
                         help="only the S / T sweep's memory (deterministic on the CPU; no timing)")  # fmt: skip
@@ -175,8 +173,6 @@ def main() -> None:
         n_skills=args.skills,
         rank=args.rank,
         n_abstract_tasks=args.abstract_tasks,
-        router_layer=args.router_layer,
-        mixing=args.mixing,
     )
     vocab_probe = load_model(args.model).model.config.vocab_size
     batch = make_batch(vocab_probe, args.batch, args.prompt, args.target, device)

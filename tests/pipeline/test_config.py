@@ -34,8 +34,8 @@ def test_flags_beat_file_beat_preset_beat_defaults(tmp_path: Path, suffix: str) 
 def test_preset_and_flags_without_file() -> None:
     cfg = resolve(flags("--preset", "paper"))
     assert cfg.lr == 5e-5
-    cfg = resolve(flags("--preset", "paper", "--lr", "0.1", "--router-norm", "layer", "--target-modules", "q", "v"))
-    assert cfg.lr == 0.1 and cfg.router_norm == "layer" and cfg.target_modules == ["q", "v"]
+    cfg = resolve(flags("--preset", "paper", "--lr", "0.1", "--temperature", "2", "--target-modules", "q", "v"))
+    assert cfg.lr == 0.1 and cfg.temperature == 2.0 and cfg.target_modules == ["q", "v"]
 
 
 def test_preset_in_the_file(tmp_path: Path) -> None:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
+from orchmoe import get_tuner
 from orchmoe.models import tiny_model
 from orchmoe.pipeline.config import RunConfig
 from orchmoe.pipeline.methods import build, optimizer_groups
@@ -43,3 +45,20 @@ def test_optimizer_groups(method: str, allocation_lr: float | None, expected: di
 def test_allocation_lr_must_be_positive() -> None:
     with pytest.raises(ValueError, match="--allocation-lr"):
         RunConfig(allocation_lr=0.0)
+
+
+@pytest.mark.parametrize(("ablation", "frozen"), [("uniform_task_router", "orchmoe_task_router"),
+                                                  ("uniform_skill_router", "orchmoe_skill_router")])  # fmt: skip
+def test_router_ablations_route_uniformly_in_training_too(ablation: str, frozen: str) -> None:
+    cfg = RunConfig(method="orchmoe", model="tiny-gemma3", n_skills=4, rank=2, n_abstract_tasks=3, **{ablation: True})
+    model = build("orchmoe", tiny_model("tiny-gemma3", vocab_size=128, seed=0), cfg, n_train_tasks=3).train()
+    assert not any(p.requires_grad for n, p in model.named_parameters() if frozen in n)
+    assert any(p.requires_grad for n, p in model.named_parameters() if "orchmoe_" in n and frozen not in n)
+    tuner = get_tuner(model)
+    ids = torch.randint(4, 128, (4, 6), generator=torch.Generator().manual_seed(0))
+    w = tuner.task_weights(ids)
+    if ablation == "uniform_task_router":
+        assert torch.allclose(w, torch.full((4, 3), 1 / 3))
+    else:  # every skill weight is S * 1/S = 1, Gumbel noise included: a LoRA of rank S*r
+        for alpha in tuner.skill_weights(w, stochastic=True).values():
+            assert torch.allclose(alpha, torch.ones(4, 4))

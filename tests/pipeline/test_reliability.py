@@ -157,11 +157,20 @@ def test_same_seed_same_everything_on_cpu(tmp_path: Path) -> None:
     assert not all(torch.equal(a[k], c[k]) for k in a)
 
 
-def test_router_collapse_is_detected_and_reported(tmp_path: Path, capsys) -> None:
-    """One task, no centring, no MI term: every prompt goes to one abstract task, and the log says so."""
-    args = [*TINY, "--tasks", "suite001_addition", "--router-norm", "none", "--router-mi-weight", "0",
-            "--max-steps", "4", "--log-every", "2"]  # fmt: skip
-    run("train", "--out", str(tmp_path / "r"), *args)
+def test_router_collapse_is_detected_and_reported(tmp_path: Path, capsys, monkeypatch) -> None:
+    """A Task Router that sends every prompt to abstract task 0: the log says so, and the run warns once."""
+    from orchmoe.tuner.router import TaskRouter
+
+    real = TaskRouter.forward
+
+    def collapsed(self, embeds, mask, deterministic=False):
+        w = real(self, embeds, mask, deterministic)
+        return w + (torch.nn.functional.one_hot(torch.zeros_like(w[:, 0]).long(), w.shape[-1]) - w).detach()
+
+    with monkeypatch.context() as patch:
+        patch.setattr(TaskRouter, "forward", collapsed)
+        args = [*TINY, "--max-steps", "4", "--log-every", "2"]
+        run("train", "--out", str(tmp_path / "r"), *args)
     log = [json.loads(line) for line in (tmp_path / "r" / "train_log.jsonl").read_text().splitlines()]
     assert all(e["router_collapsed"] and e["abstract_tasks_used"] == 1 for e in log)
     assert capsys.readouterr().err.count("sends every example to one abstract task") == 1  # warned once

@@ -158,16 +158,14 @@ def test_router_objective_is_added_to_the_loss_in_training() -> None:
     assert 0 <= state.entropy_per_example <= state.entropy_marginal + 1e-6
 
 
-@pytest.mark.parametrize("per_example", [False, True])
-def test_gumbel_noise_only_in_training(per_example: bool) -> None:
-    model = make_peft("tiny-gemma3", noise_per_example=per_example)
+def test_gumbel_noise_only_in_training() -> None:
+    model = make_peft("tiny-gemma3")
     tuner = orchmoe.get_tuner(model)
     w = torch.full((2, 3), 1 / 3)  # two examples with the same abstract-task weights
     first, second = (tuner.skill_weights(w, stochastic=True) for _ in range(2))
     name = next(iter(first))
     assert not torch.allclose(first[name], second[name])
-    # one draw for the batch: both examples get the same noisy mix; one draw per example: they differ
-    assert torch.equal(first[name][0], first[name][1]) != per_example
+    assert torch.equal(first[name][0], first[name][1])  # one draw for the batch: both get the same noisy mix
     assert all(torch.allclose(a.sum(-1), torch.full((2,), 4.0)) for a in first.values())  # S = 4 skills
     det = [tuner.skill_weights(w, stochastic=False)[name] for _ in range(2)]
     assert torch.equal(det[0], det[1]) and torch.equal(det[0][0], det[0][1])
@@ -200,25 +198,6 @@ def test_explicit_task_weights_override_the_task_router() -> None:
         model(**batch, task_weights=torch.ones(2, 5))
 
 
-@pytest.mark.parametrize(
-    ("overrides", "task_router", "skill_router"),
-    [({"task_router": "uniform"}, 0, 4 * 3 * 4), ({"skill_router": "uniform"}, 32 * 3 + 3, 0)],
-)
-def test_uniform_router_ablations(overrides: dict, task_router: int, skill_router: int) -> None:
-    model = make_peft("tiny-gemma3", **overrides).train()
-    counts = orchmoe.parameter_report(model)
-    assert (counts["task_router"], counts["skill_router"]) == (task_router, skill_router)
-    routing = orchmoe.routing(model, inputs(batch=4))
-    if "task_router" in overrides:
-        assert torch.allclose(routing.task_weights, torch.full((4, 3), 1 / 3))
-    else:  # uniform allocation: every skill weight is S * 1/S = 1, in training too (no noise)
-        tuner = orchmoe.get_tuner(model)
-        for alpha in tuner.skill_weights(routing.task_weights, stochastic=True).values():
-            assert torch.allclose(alpha, torch.ones(4, 4))
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    assert trainable == counts["trainable"]
-
-
 def test_no_routing_outlives_its_call(arch: str) -> None:
     """After generate, an eval forward, or a training step (forward + backward), the model holds no routing."""
     model = make_peft(arch).train()
@@ -234,20 +213,3 @@ def test_no_routing_outlives_its_call(arch: str) -> None:
         model.generate(**inputs(batch=3, seed=4), max_new_tokens=3, do_sample=False, pad_token_id=0)
         model(**batch)
     assert tuner.routing_slot.get() is None
-
-
-def test_parameter_mixing_routes_convex_skill_weights_and_generates_exactly(arch: str) -> None:
-    model = make_peft(arch, mixing="parameters").eval()
-    batch = inputs(batch=3, length=6)
-    for alpha in orchmoe.routing(model, batch).skill_weights.values():
-        assert torch.allclose(alpha.sum(-1), torch.ones(3))  # a convex mix of skills, not scaled by S
-    kwargs = {"max_new_tokens": 5, "do_sample": False, "num_beams": 2, "pad_token_id": 0}
-    with torch.no_grad():
-        cached = model.generate(**batch, use_cache=True, **kwargs)
-        uncached = model.generate(**batch, use_cache=False, **kwargs)
-    assert torch.equal(cached, uncached)
-    model.train()
-    labels = batch["input_ids"] if arch == "tiny-gemma3" else seq2seq_extra(arch, 3)["decoder_input_ids"]
-    model(**batch, **seq2seq_extra(arch, 3), labels=labels).loss.backward()
-    grads = [p.grad for n, p in model.named_parameters() if "orchmoe_A" in n or "orchmoe_skill_router" in n]
-    assert grads and all(g is not None and g.abs().sum() > 0 for g in grads)

@@ -58,7 +58,6 @@ class RunConfig:
     lora_alpha: float = field(default=16.0, metadata={"help": "LoRA alpha for LoRA and OrchMoE."})
     target_modules: list[str] | None = field(default=None, metadata={"help": "Adapted modules (default per model)."})
     temperature: float = field(default=1.0, metadata={"help": "OrchMoE Gumbel temperature (start)."})
-    allocation_init: float = field(default=1e-3, metadata={"help": "OrchMoE: Z starts uniform in [-a, a]."})
     temperature_end: float | None = field(default=None, metadata={"help": "Anneal the temperature to this value."})
     noise_scale_end: float | None = field(
         default=None,
@@ -66,12 +65,7 @@ class RunConfig:
             "help": "OrchMoE: anneal the Gumbel noise scale linearly from 1 to this value (0: no noise at the end)."
         },
     )
-    noise_per_example: bool = field(default=False, metadata={"help": "OrchMoE: one Gumbel draw per example."})
-    skill_relaxation: str = field(default="gumbel_softmax", metadata={"help": "gumbel_softmax or gumbel_sigmoid."})
     router_mi_weight: float = field(default=0.1, metadata={"help": "OrchMoE router MI weight lambda."})
-    mixing: str = field(default="outputs", metadata={"help": "OrchMoE: mix skill outputs or parameters (as Poly)."})
-    router_layer: int = field(default=0, metadata={"help": "OrchMoE router input: 0 embeddings, k layer k."})
-    router_norm: str = field(default="batch", metadata={"help": "OrchMoE task router norm: batch, layer, none."})
     uniform_task_router: bool = field(default=False, metadata={"help": "Ablation: fixed uniform task weights."})
     uniform_skill_router: bool = field(default=False, metadata={"help": "Ablation: fixed uniform allocation."})
     checkpoint_every: int = field(default=0, metadata={"help": "Checkpoint every N optimizer steps (0 = never)."})

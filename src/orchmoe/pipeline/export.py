@@ -1,4 +1,4 @@
-"""Export one OrchMoE routing as a standard PEFT LoRA adapter (DESIGN.md "Export").
+"""Export one OrchMoE routing as a standard PEFT LoRA adapter.
 
 For a fixed routing, every adapted module computes scaling * sum_j alpha_j B_j A_j x = scaling * B_cat diag(alpha
 (x) 1_r) A_cat x: exactly a LoRA of rank S*r with
@@ -7,7 +7,6 @@ For a fixed routing, every adapted module computes scaling * sum_j alpha_j B_j A
     lora_B = B_cat                           # (out, S*r)
     lora_alpha / (S*r) = OrchMoE's scaling
 
-(with ``mixing="parameters"`` it is a LoRA of rank r: lora_A = sum_j a_j A_j, lora_B = sum_j a_j B_j, lora_alpha / r),
 so vLLM / S-LoRA / LoRAX can serve it and ``merge_and_unload`` can merge it. The routing comes from one abstract task
 (one-hot task weights), one prompt, or the average task weights of one task's test prompts (alpha is linear in w).
 """
@@ -36,14 +35,10 @@ def lora_from_routing(model: PeftModel, task_weights: torch.Tensor) -> tuple[Lor
     weights = {}
     for name, layer in tuner.orchmoe_layers():
         a, b = layer.orchmoe_A[adapter], layer.orchmoe_B[adapter]
-        if config.mixing == "parameters":
-            a_mix, b_mix = layer.mixed_parameters(adapter, alphas[name])  # (1, r, in), (1, out, r)
-            weights[name] = a_mix[0].detach().clone(), b_mix[0].detach().clone()
-        else:
-            diag = layer.layer_weights(adapter, alphas[name])[0].to(a.dtype)  # (S*r,)
-            weights[name] = (diag[:, None] * a).detach().clone(), b.detach().clone()  # (S*r, in), (out, S*r)
+        diag = layer.layer_weights(adapter, alphas[name])[0].to(a.dtype)  # (S*r,)
+        weights[name] = (diag[:, None] * a).detach().clone(), b.detach().clone()  # (S*r, in), (out, S*r)
     lora = LoraConfig(
-        r=config.r if config.mixing == "parameters" else config.n_skills * config.r,
+        r=config.n_skills * config.r,
         lora_alpha=config.lora_alpha,
         target_modules=sorted(weights),
         task_type=config.task_type,

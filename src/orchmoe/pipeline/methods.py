@@ -55,21 +55,34 @@ def peft_config(method: str, model: nn.Module, cfg: RunConfig, n_train_tasks: in
         target_modules=targets,
         task_type=task_type,
         temperature=cfg.temperature,
-        allocation_init=cfg.allocation_init,
-        noise_per_example=cfg.noise_per_example,
-        skill_relaxation=cfg.skill_relaxation,
         router_mi_weight=cfg.router_mi_weight,
-        router_norm=cfg.router_norm,
-        router_layer=cfg.router_layer,
-        mixing=cfg.mixing,
-        task_router="uniform" if cfg.uniform_task_router else "learned",
-        skill_router="uniform" if cfg.uniform_skill_router else "learned",
         router_lr_multiplier=cfg.router_lr_multiplier,
     )
 
 
 def build(method: str, base: nn.Module, cfg: RunConfig, n_train_tasks: int) -> PeftModel:
-    return get_peft_model(base, peft_config(method, base, cfg, n_train_tasks))
+    model = get_peft_model(base, peft_config(method, base, cfg, n_train_tasks))
+    if method == "orchmoe":
+        apply_ablations(model, cfg)
+    return model
+
+
+def apply_ablations(model: PeftModel, cfg: RunConfig) -> None:
+    """The harness's router ablations, by freezing router parameters at the values that make them uniform.
+
+    No Task Router: W_task = 0 and b = 0, so w = softmax(0) = 1/T for every prompt. No Skill Router: Z = 0 without
+    training noise, so z = 1/S and every skill weight is S * 1/S = 1 (the adapter is then a LoRA of rank S*r).
+    """
+    tuner = get_tuner(model)
+    with torch.no_grad():
+        if cfg.uniform_task_router:
+            for p in tuner.task_router().parameters():
+                p.zero_().requires_grad_(False)
+        if cfg.uniform_skill_router:
+            for module in tuner.modules():
+                if isinstance(module, SkillRouter):
+                    module.logits.zero_().requires_grad_(False)
+                    module.noise_scale = 0.0
 
 
 def is_allocation_param(name: str) -> bool:

@@ -8,12 +8,7 @@ computed as ONE low-rank product with a per-example diagonal (no loop over skill
     u  = u * repeat(alpha, r)           # (B, T_seq, S*r)
     dh = scaling * u B_cat^T            # (B, T_seq, out)
 
-so its cost is that of one LoRA of rank S*r plus an elementwise product. With ``mixing="parameters"`` (Poly's way)
-the skills' parameters are mixed instead, with skill weights a whose rows sum to 1 (not scaled by S)::
-
-    A_mix = sum_j a_j A_j               # (B, r, in)
-    B_mix = sum_j a_j B_j               # (B, out, r)
-    dh = lora_alpha / r * x A_mix^T B_mix^T   # (B, T_seq, out)
+so its cost is that of one LoRA of rank S*r plus an elementwise product.
 """
 
 from __future__ import annotations
@@ -52,14 +47,13 @@ class OrchMoELayer(BaseTunerLayer):
     adapter's other weights."""
 
     adapter_layer_names = ("orchmoe_A", "orchmoe_B", "orchmoe_skill_router", "orchmoe_task_router")
-    other_param_names = ("r", "n_skills", "scaling", "mixing", "orchmoe_dropout")
+    other_param_names = ("r", "n_skills", "scaling", "orchmoe_dropout")
 
     def __init__(self, base_layer: nn.Module, **kwargs: Any) -> None:
         self.base_layer = base_layer
         self.r: dict[str, int] = {}
         self.n_skills: dict[str, int] = {}
         self.scaling: dict[str, float] = {}
-        self.mixing: dict[str, str] = {}
         self.orchmoe_A = nn.ParameterDict()  # A_cat: (S*r, in)
         self.orchmoe_B = nn.ParameterDict()  # B_cat: (out, S*r)
         self.orchmoe_skill_router = nn.ModuleDict()  # Z of this module
@@ -78,7 +72,6 @@ class OrchMoELayer(BaseTunerLayer):
         s, r = config.n_skills, config.r
         self.r[adapter_name], self.n_skills[adapter_name] = r, s
         self.scaling[adapter_name] = config.scaling
-        self.mixing[adapter_name] = config.mixing
         self.orchmoe_A[adapter_name] = nn.Parameter(torch.empty(s * r, self.in_features))
         self.orchmoe_B[adapter_name] = nn.Parameter(torch.empty(self.out_features, s * r))
         self.orchmoe_dropout[adapter_name] = nn.Dropout(config.lora_dropout) if config.lora_dropout else nn.Identity()
@@ -102,53 +95,27 @@ class OrchMoELayer(BaseTunerLayer):
             nn.init.kaiming_uniform_(self.orchmoe_B[adapter_name], a=math.sqrt(5))
 
     def layer_weights(self, adapter_name: str, skill_weights: torch.Tensor) -> torch.Tensor:
-        """The skill weights in the form this layer multiplies by: the diagonal repeat(alpha, r) (B', S*r) when mixing
-        outputs, alpha (B', S) itself when mixing parameters; either form is accepted."""
+        """The skill weights as the diagonal this layer multiplies by: alpha (B', S) -> repeat(alpha, r) (B', S*r);
+        an already expanded (B', S*r) passes through."""
         r, s = self.r[adapter_name], self.n_skills[adapter_name]
-        if self.mixing[adapter_name] == "parameters":
-            return skill_weights[:, ::r] if skill_weights.shape[-1] == s * r else skill_weights  # (B', S)
-        return skill_weights.repeat_interleave(r, dim=-1) if skill_weights.shape[-1] != s * r else skill_weights
+        return skill_weights if skill_weights.shape[-1] == s * r else skill_weights.repeat_interleave(r, dim=-1)
 
     def skill_delta(self, adapter_name: str, x: torch.Tensor, skill_weights: torch.Tensor) -> torch.Tensor:
-        """scaling * sum_j alpha_j B_j A_j x for x (B, *, in) and alpha (B', S) with B a multiple of B'.
-
-        ``skill_weights`` may also come already expanded to the diagonal repeat(alpha, r): (B', S*r).
-        """
+        """scaling * sum_j alpha_j B_j A_j x for x (B, *, in) and alpha (B', S) or repeat(alpha, r) (B', S*r), with B a
+        multiple of B' (generate expands each example for beams / num_return_sequences with repeat_interleave)."""
         a, b = self.orchmoe_A[adapter_name], self.orchmoe_B[adapter_name]
-        skill_weights = self.layer_weights(adapter_name, skill_weights)
+        diag = self.layer_weights(adapter_name, skill_weights)  # (B', S*r)
         batch = x.shape[0]
-        if skill_weights.shape[0] != batch:
-            if batch % skill_weights.shape[0]:
+        if diag.shape[0] != batch:
+            if batch % diag.shape[0]:
                 raise ValueError(
-                    f"OrchMoE skill weights are for {skill_weights.shape[0]} examples but the layer input has batch "
-                    f"size {batch}, which is not a multiple of it."
+                    f"OrchMoE skill weights are for {diag.shape[0]} examples but the layer input has batch size "
+                    f"{batch}, which is not a multiple of it."
                 )
-            # generate() expands each example for beams / num_return_sequences with repeat_interleave.
-            skill_weights = skill_weights.repeat_interleave(batch // skill_weights.shape[0], dim=0)
-        if self.mixing[adapter_name] == "parameters":
-            return self._parameter_mix(adapter_name, x, skill_weights)
-        diag = skill_weights.to(a.dtype).view(batch, *([1] * (x.dim() - 2)), a.shape[0])  # (B, 1.., S*r)
+            diag = diag.repeat_interleave(batch // diag.shape[0], dim=0)  # (B, S*r)
+        diag = diag.to(a.dtype).view(batch, *([1] * (x.dim() - 2)), a.shape[0])  # (B, 1.., S*r)
         u = F.linear(self.orchmoe_dropout[adapter_name](x.to(a.dtype)), a)  # (B, T_seq, S*r)
         return F.linear(u * diag, b) * self.scaling[adapter_name]  # (B, T_seq, out)
-
-    def mixed_parameters(self, adapter_name: str, skill_weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(sum_j a_j A_j, sum_j a_j B_j) for skill weights a (B, S): (B, r, in), (B, out, r)."""
-        a, b = self.orchmoe_A[adapter_name], self.orchmoe_B[adapter_name]
-        s, r = self.n_skills[adapter_name], self.r[adapter_name]
-        weights = skill_weights.to(a.dtype)  # (B, S)
-        a_mix = torch.einsum("bs,sri->bri", weights, a.view(s, r, -1))  # (B, r, in)
-        b_mix = torch.einsum("bs,osr->bor", weights, b.view(-1, s, r))  # (B, out, r)
-        return a_mix, b_mix
-
-    def _parameter_mix(self, adapter_name: str, x: torch.Tensor, skill_weights: torch.Tensor) -> torch.Tensor:
-        """lora_alpha / r * x (sum_j a_j A_j)^T (sum_j a_j B_j)^T, a the skill weights (rows sum to 1 when mixing
-        parameters): (B, *, in), (B, S) -> (B, *, out)."""
-        a_mix, b_mix = self.mixed_parameters(adapter_name, skill_weights)  # (B, r, in), (B, out, r)
-        shape = x.shape  # (B, *, in)
-        x = self.orchmoe_dropout[adapter_name](x.to(a_mix.dtype)).reshape(shape[0], -1, shape[-1])  # (B, T_seq, in)
-        u = torch.einsum("bti,bri->btr", x, a_mix)  # (B, T_seq, r)
-        dh = torch.einsum("btr,bor->bto", u, b_mix) * self.scaling[adapter_name]  # (B, T_seq, out)
-        return dh.reshape(*shape[:-1], -1)  # (B, *, out)
 
 
 class Linear(nn.Module, OrchMoELayer):

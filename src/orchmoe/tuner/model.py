@@ -29,7 +29,7 @@ from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 from torch import nn
 
 from .config import OrchMoEConfig
-from .features import check_router_layer, input_embedding_modules, input_embeddings, layer_hidden_states
+from .features import input_embedding_modules, input_embeddings
 from .layer import Linear, OrchMoELayer, linear_features
 from .router import TaskRouter, routing_entropies
 from .routing import CallRouting, RoutingSlot, RoutingState, enter, tie
@@ -62,8 +62,6 @@ class OrchMoEModel(BaseTuner):
                 f"OrchMoEConfig needs task_type='CAUSAL_LM' or 'SEQ_2_SEQ_LM' (got {config.task_type!r}): only then "
                 "does the PeftModel that get_peft_model returns call OrchMoE's forward, which routes each call."
             )
-        if config.router_layer > 0:
-            check_router_layer(model, config.router_layer)  # at injection, not at the first forward
         self._text_prefix = text_module_prefix(model)  # multimodal: only the language model is per-example
         default_text_targets(model, config, self._text_prefix)
         if "routing_slot" not in self.__dict__:
@@ -136,22 +134,13 @@ class OrchMoEModel(BaseTuner):
         inputs_embeds: torch.Tensor | None = None,
         deterministic: bool = False,
     ) -> torch.Tensor:
-        """Abstract-task weights w (B, T) from the routing tokens (``routing_mask``, else ``attention_mask``).
-
-        The router reads the input embeddings, or with ``router_layer=k`` the frozen base model's hidden states
-        after layer k (a partial forward with every skill switched off).
-        """
+        """Abstract-task weights w (B, T) from the routing tokens (``routing_mask``, else ``attention_mask``)."""
         if inputs_embeds is None and input_ids is None:
             raise ValueError(
                 "OrchMoE routes from the prompt: pass `input_ids` (or `inputs_embeds`), or explicit "
                 "`task_weights` of shape (batch, n_abstract_tasks)."
             )
-        layer = self.peft_config[self._adapter].router_layer
-        if layer > 0:
-            inputs_embeds = layer_hidden_states(
-                self.model, layer, self._skills_off, input_ids, attention_mask, inputs_embeds
-            )  # (B, L, d)
-        elif inputs_embeds is None:
+        if inputs_embeds is None:
             with torch.no_grad():
                 inputs_embeds = input_embeddings(self.model)(input_ids)  # (B, L, d)
         embeds = inputs_embeds.detach()
@@ -185,15 +174,6 @@ class OrchMoEModel(BaseTuner):
         with torch.no_grad():
             w = self.task_weights(input_ids, attention_mask, routing_mask, inputs_embeds, deterministic=True)
             return Routing(task_weights=w, skill_weights=self.skill_weights(w, stochastic=False))
-
-    def _skills_off(self) -> Any:
-        """Every OrchMoE layer adds exactly nothing for the duration (zero skill weights): the frozen base model."""
-        adapter = self._adapter
-        zeros = {
-            layer: layer.orchmoe_A[adapter].new_zeros(1, layer.orchmoe_A[adapter].shape[0])  # (1, S*r)
-            for _, layer in self.orchmoe_layers(adapter)
-        }
-        return self.routing_slot.published(CallRouting(zeros))
 
     def _call_routing(self, args: tuple, kwargs: dict, routing_mask: Any, task_weights: Any) -> CallRouting | None:
         """Route one call: task weights, then every layer's skill weights in the form it multiplies by."""
@@ -249,7 +229,8 @@ class OrchMoEModel(BaseTuner):
         routing = self._call_routing(args, kwargs, routing_mask, task_weights)
         if routing is None:
             return self.model(*args, **kwargs)
-        with self.routing_slot.published(routing), self._tied(routing, kwargs):
+        self.routing_slot.set(routing)  # held by this frame for the call, then (in training) by its graph
+        with self._tied(routing, kwargs):
             output = self.model(*args, **kwargs)
         weight = self.peft_config[self._adapter].router_mi_weight
         if self.training and weight > 0 and getattr(output, "loss", None) is not None:
@@ -263,8 +244,8 @@ class OrchMoEModel(BaseTuner):
         routing = self._call_routing(args, kwargs, routing_mask, task_weights)
         if routing is None:
             return self.model.generate(*args, **kwargs)
-        with self.routing_slot.published(routing):
-            return self.model.generate(*args, **kwargs)
+        self.routing_slot.set(routing)  # held by this frame for every decoding step
+        return self.model.generate(*args, **kwargs)
 
     @property
     def routing_state(self) -> RoutingState:

@@ -1,6 +1,6 @@
 """The two routers of OrchMoE: the Task Router (prompt -> abstract tasks) and the Skill Router (tasks -> skills).
 
-Notation (DESIGN.md): B batch, L prompt length, d embedding size, T abstract tasks, S skills.
+Notation: B batch, L prompt length, d embedding size, T abstract tasks, S skills.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from torch import nn
 from .config import OrchMoEConfig
 
 EPS = 1e-9
+INIT_RANGE = 1e-3  # Z starts near uniform, as Poly's module logits
 
 
 def gather_batch(x: torch.Tensor) -> torch.Tensor:
@@ -39,35 +40,25 @@ class TaskRouter(nn.Module):
         w(X) = softmax(W_task pool(X^) + b)                        # (B, T)
 
     ``pool`` is a masked mean over the routing tokens (the prompt), followed by a centring of the pooled vector
-    across examples (``router_norm="batch"``: a BatchNorm without affine, batch statistics while training, running
-    statistics at eval, so an example's routing at eval never depends on the rest of its batch).
+    across examples (a BatchNorm without affine: global-batch statistics while training, running statistics at eval,
+    so an example's routing at eval never depends on the rest of its batch). Without the centring, prompts that share
+    one dominant direction (as instruction prompts do) all land on the same abstract task. The router computes in fp32
+    whatever its parameters' dtype.
     """
 
     def __init__(self, embed_dim: int, config: OrchMoEConfig) -> None:
         super().__init__()
         self.embed_dim = embed_dim
-        self.attention = config.router_attention
-        self.norm_kind = config.router_norm
-        self.norm: nn.Module
-        if config.router_norm == "batch":
-            self.norm = nn.BatchNorm1d(embed_dim, affine=False)
-        elif config.router_norm == "layer":
-            self.norm = nn.LayerNorm(embed_dim, elementwise_affine=False)
-        else:
-            self.norm = nn.Identity()
-        self.n_tasks = config.n_abstract_tasks
-        self.uniform = config.task_router == "uniform"
-        # W_task, b (absent in the uniform ablation: nothing to train, and nothing peft's set_adapter could unfreeze)
-        self.proj = None if self.uniform else nn.Linear(embed_dim, config.n_abstract_tasks)
+        self.norm = nn.BatchNorm1d(embed_dim, affine=False)
+        self.proj = nn.Linear(embed_dim, config.n_abstract_tasks)  # W_task, b
 
     def pool(self, embeds: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Masked self-attention with residual, then masked mean over tokens: (B, L, d), (B, L) -> (B, d)."""
         x = embeds.float()  # (B, L, d)
         keep = mask.bool()  # (B, L)
-        if self.attention:
-            scores = torch.einsum("bid,bjd->bij", x, x) / math.sqrt(self.embed_dim)  # (B, L, L)
-            scores = scores.masked_fill(~keep[:, None, :], torch.finfo(scores.dtype).min)
-            x = torch.einsum("bij,bjd->bid", scores.softmax(dim=-1), x) + x  # (B, L, d)
+        scores = torch.einsum("bid,bjd->bij", x, x) / math.sqrt(self.embed_dim)  # (B, L, L)
+        scores = scores.masked_fill(~keep[:, None, :], torch.finfo(scores.dtype).min)
+        x = torch.einsum("bij,bjd->bid", scores.softmax(dim=-1), x) + x  # (B, L, d)
         weights = keep.to(x.dtype)  # (B, L)
         return torch.einsum("bld,bl->bd", x, weights) / weights.sum(dim=1, keepdim=True)  # (B, d)
 
@@ -76,13 +67,7 @@ class TaskRouter(nn.Module):
 
         ``deterministic=True`` routes as at eval (running statistics) whatever the module's mode.
         """
-        if self.uniform:  # ablation: no Task Router
-            return torch.full((embeds.shape[0], self.n_tasks), 1.0 / self.n_tasks, device=embeds.device)  # (B, T)
-        pooled = self.pool(embeds, mask)  # (B, d), fp32 whatever the parameters' dtype
-        if isinstance(self.norm, nn.BatchNorm1d):
-            pooled = self._centre(pooled, deterministic)  # (B, d)
-        else:
-            pooled = self.norm(pooled)  # (B, d)
+        pooled = self._centre(self.pool(embeds, mask), deterministic)  # (B, d)
         logits = F.linear(pooled, self.proj.weight.float(), self.proj.bias.float())  # (B, T)
         return logits.softmax(dim=-1)  # (B, T)
 
@@ -105,87 +90,49 @@ class TaskRouter(nn.Module):
         return (pooled - mean) / torch.sqrt(var + norm.eps)
 
 
-def relax(
-    logits: torch.Tensor,
-    relaxation: str,
-    temperature: float,
-    stochastic: bool,
-    uniform: bool = False,
-    draws: int = 0,
-    noise_scale: float = 1.0,
-) -> torch.Tensor:
-    """Relaxed task-skill allocation of logits Z (..., T, S): rows sum to 1. Vectorised over leading dims, so all
-    modules' allocations are one call.
-
-    ``draws > 0`` (with ``stochastic``) takes that many independent noise draws, one per example, in a new dim
-    before T: (..., draws, T, S). ``noise_scale`` multiplies the noise (0: the deterministic relaxation).
-    """
+def relax(logits: torch.Tensor, temperature: float, stochastic: bool, noise_scale: float = 1.0) -> torch.Tensor:
+    """Relaxed task-skill allocation of logits Z (..., T, S): softmax((Z + c g) / tau), g ~ Gumbel(0, 1) while
+    training (``stochastic``), c = ``noise_scale``; rows sum to 1. Vectorised over leading dims, so all modules'
+    allocations are one call."""
     logits = logits.float()  # (..., T, S)
-    if stochastic and draws > 0:
-        logits = logits.unsqueeze(-3).expand(*logits.shape[:-2], draws, *logits.shape[-2:])  # (..., B, T, S)
-    if uniform:  # ablation: no Skill Router
-        return torch.full_like(logits, 1.0 / logits.shape[-1])
-    softmax = relaxation == "gumbel_softmax"
-    if stochastic:
+    if stochastic and noise_scale > 0:
         u = torch.rand_like(logits).clamp(EPS, 1.0 - EPS)
-        noise = -torch.log(-torch.log(u)) if softmax else torch.log(u) - torch.log1p(-u)  # Gumbel / Logistic(0, 1)
-        logits = logits + noise_scale * noise  # (..., T, S)
-    if softmax:
-        return (logits / temperature).softmax(dim=-1)  # (..., T, S)
-    probs = torch.sigmoid(logits / temperature)  # (..., T, S)
-    return probs / (probs.sum(dim=-1, keepdim=True) + EPS)
+        logits = logits - noise_scale * torch.log(-torch.log(u))  # + c * Gumbel(0, 1)
+    return (logits / temperature).softmax(dim=-1)  # (..., T, S)
 
 
 class SkillRouter(nn.Module):
     """Task-Skill Allocation: a learnable matrix Z (T x S), relaxed with Gumbel noise while training.
 
         z_i = softmax((Z_i + c g) / tau)   (training, g ~ Gumbel(0, 1))    z_i = softmax(Z_i / tau)   (eval)
-        alpha = w^T z                                                     # (B, S), rows sum to 1
-        alpha <- S * alpha                                   # if scale_by_skills (and mixing outputs)
+        alpha = S * w^T z                                                 # (B, S), rows sum to S
 
-    ``skill_relaxation="gumbel_sigmoid"`` uses Poly's relaxed Bernoulli instead, each row normalised to sum 1.
-    The noise g is drawn once per call for the whole batch, or once per example with ``noise_per_example``;
-    c is ``noise_scale`` (1 by default; annealed to 0, training ends on the deterministic eval relaxation).
+    Scaling by S makes uniform routing exactly a LoRA of rank S*r (without it skills learn about 1/S^2 slower). The
+    noise g is drawn once per call for the whole batch; c is ``noise_scale`` (1: the plain Gumbel-softmax; annealed
+    to 0, training ends on the deterministic eval relaxation). Z starts in [-1e-3, 1e-3], near uniform, as Poly's.
     """
 
     def __init__(self, config: OrchMoEConfig) -> None:
         super().__init__()
-        self.relaxation = config.skill_relaxation
         self.temperature = config.temperature
-        # scaled by S when mixing outputs (uniform routing = LoRA of rank S*r); parameter mixing wants a convex mix
-        self.scale = float(config.n_skills) if config.scale_by_skills and config.mixing == "outputs" else 1.0
-        self.uniform = config.skill_router == "uniform"
-        self.init_range = config.allocation_init
-        self.per_example = config.noise_per_example
         self.noise_scale = config.noise_scale
-        logits = torch.zeros(config.n_abstract_tasks, config.n_skills)  # Z: (T, S)
-        if self.uniform:  # a buffer: nothing to train, and peft's set_adapter cannot turn it trainable
-            self.register_buffer("logits", logits)
-        else:
-            self.logits = nn.Parameter(logits)
-            self.reset_parameters()
+        self.scale = float(config.n_skills)
+        self.logits = nn.Parameter(torch.empty(config.n_abstract_tasks, config.n_skills))  # Z: (T, S)
+        self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        nn.init.uniform_(self.logits, -self.init_range, self.init_range)
-
-    def relax(self, logits: torch.Tensor, stochastic: bool, draws: int = 0) -> torch.Tensor:
-        """``relax`` with this router's settings (relaxation, temperature, ablation, noise scale)."""
-        return relax(logits, self.relaxation, self.temperature, stochastic, self.uniform, draws, self.noise_scale)
+        nn.init.uniform_(self.logits, -INIT_RANGE, INIT_RANGE)
 
     def allocation(self, stochastic: bool) -> torch.Tensor:
         """The relaxed allocation z: each abstract task's row sums to 1: (T, S)."""
-        return self.relax(self.logits, stochastic)
+        return relax(self.logits, self.temperature, stochastic, self.noise_scale)
 
     def mix(self, task_weights: torch.Tensor, stochastic: bool, logits: torch.Tensor | None = None) -> torch.Tensor:
-        """alpha = scale * w z with this router's relaxation, for its own Z or for ``logits`` (..., T, S) relaxed
-        alike (all modules' Z stacked: one vectorised call): (B, T) -> (..., B, S)."""
+        """alpha = S * w z with this router's relaxation, for its own Z or for ``logits`` (..., T, S) relaxed alike
+        (all modules' Z stacked: one vectorised call): (B, T) -> (..., B, S)."""
         logits = self.logits if logits is None else logits  # (..., T, S)
-        w = task_weights.float()  # (B, T)
-        if stochastic and self.per_example:
-            z = self.relax(logits, True, draws=w.shape[0])  # (..., B, T, S)
-            return self.scale * torch.einsum("bt,...bts->...bs", w, z)  # (..., B, S)
-        z = self.relax(logits, stochastic)  # (..., T, S)
-        return self.scale * torch.einsum("bt,...ts->...bs", w, z)  # (..., B, S)
+        z = relax(logits, self.temperature, stochastic, self.noise_scale)  # (..., T, S)
+        return self.scale * torch.einsum("bt,...ts->...bs", task_weights.float(), z)  # (..., B, S)
 
     def forward(self, task_weights: torch.Tensor, stochastic: bool) -> torch.Tensor:
         """Per-example skill weights alpha from abstract-task weights w: (B, T) -> (B, S)."""

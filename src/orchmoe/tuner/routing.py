@@ -21,8 +21,6 @@ checkpointing, or with non-reentrant checkpointing, gradients take the ordinary 
 from __future__ import annotations
 
 import weakref
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -71,34 +69,18 @@ class RoutingSlot:
     Copies and pickles of a model get an empty slot (a routing belongs to one call, never to the model).
     """
 
-    __slots__ = ("__weakref__", "_depth", "_ref")
+    __slots__ = ("__weakref__", "_ref")
 
     def __init__(self) -> None:
         self._ref: weakref.ReferenceType[CallRouting] | None = None
-        self._depth = 0  # calls in progress
 
     def get(self) -> CallRouting | None:
         return None if self._ref is None else self._ref()
 
-    def set(self, routing: CallRouting | None) -> CallRouting | None:
-        """Publish ``routing`` (None: none); returns the previous one, to restore after a nested call."""
-        previous = self.get()
+    def set(self, routing: CallRouting | None) -> None:
+        """Publish ``routing`` (None: none) for the call that starts; the weak reference stays after the call, alive
+        as long as the call's autograd graph (if any) holds the routing."""
         self._ref = None if routing is None else weakref.ref(routing)
-        return previous
-
-    @contextmanager
-    def published(self, routing: CallRouting) -> Iterator[CallRouting]:
-        """``routing`` for the duration. A call nested in another (the routing pass of ``router_layer``) restores the
-        outer call's routing after it; an outermost call leaves its weak reference, alive as long as the call's
-        autograd graph (if any) holds the routing."""
-        nested, self._depth = self._depth > 0, self._depth + 1
-        previous = self.set(routing)
-        try:
-            yield routing
-        finally:
-            self._depth -= 1
-            if nested:
-                self.set(previous)
 
     def __reduce__(self) -> tuple[type, tuple]:
         return RoutingSlot, ()
