@@ -41,6 +41,14 @@ def inputs(batch: int = 3, length: int = 9, seed: int = 0) -> dict[str, torch.Te
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
 
 
+def prompt_labels(input_ids: torch.Tensor, prompt: int = 3) -> torch.Tensor:
+    """Causal-LM labels with the first ``prompt`` tokens masked (-100), as a completion-only collator makes them:
+    OrchMoE routes a training sequence from the tokens before its first label."""
+    labels = input_ids.clone()
+    labels[:, :prompt] = -100
+    return labels
+
+
 def seq2seq_extra(arch: str, batch: int, length: int = 5) -> dict[str, torch.Tensor]:
     if arch != "tiny-t5":
         return {}

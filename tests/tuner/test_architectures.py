@@ -18,6 +18,7 @@ from peft import PeftModel, get_peft_model
 
 import orchmoe
 from orchmoe import OrchMoEConfig
+from tests.conftest import prompt_labels
 
 VOCAB = 96
 SMALL = {"vocab_size": VOCAB, "pad_token_id": 0, "eos_token_id": 1, "bos_token_id": 2}
@@ -134,7 +135,7 @@ def batch(name: str, size: int = 3, length: int = 7, seed: int = 0) -> dict[str,
 
 
 def labels_of(data: dict[str, torch.Tensor]) -> torch.Tensor:
-    return data.get("decoder_input_ids", data["input_ids"])
+    return data["decoder_input_ids"] if "decoder_input_ids" in data else prompt_labels(data["input_ids"])
 
 
 @pytest.fixture(params=sorted(ARCHITECTURES))

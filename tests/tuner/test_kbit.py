@@ -11,6 +11,7 @@ from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dic
 
 import orchmoe
 from orchmoe import OrchMoEConfig
+from tests.conftest import prompt_labels
 
 bnb = pytest.importorskip("bitsandbytes")
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig, Gemma3ForCausalLM, Gemma3TextConfig  # noqa: E402
@@ -66,7 +67,7 @@ def test_kbit_recipe_trains_generates_saves_and_loads(saved_base: Path, tmp_path
     model.train()
     losses = []
     for _ in range(3):
-        loss = model(input_ids=ids, labels=ids).loss
+        loss = model(input_ids=ids, labels=prompt_labels(ids)).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()

@@ -9,7 +9,7 @@ from peft.utils import PeftType
 
 import orchmoe
 from orchmoe.models import tiny_model
-from tests.conftest import VOCAB, inputs, make_peft, seq2seq_extra
+from tests.conftest import VOCAB, inputs, make_peft, prompt_labels, seq2seq_extra
 
 
 def logits(model: torch.nn.Module, batch: dict, arch: str) -> torch.Tensor:
@@ -28,7 +28,7 @@ def test_forward_backward_reaches_every_trainable_part(arch: str) -> None:
     model = make_peft(arch)
     model.train()
     batch = inputs()
-    labels = batch["input_ids"] if arch == "tiny-gemma3" else seq2seq_extra(arch, 3)["decoder_input_ids"]
+    labels = prompt_labels(batch["input_ids"]) if arch == "tiny-gemma3" else seq2seq_extra(arch, 3)["decoder_input_ids"]
     out = model(**batch, labels=labels)
     assert torch.isfinite(out.loss)
     out.loss.backward()
@@ -59,7 +59,7 @@ def test_eval_output_independent_of_batch_and_padding(arch: str) -> None:
     model = make_peft(arch)
     model.train()
     for seed in range(3):  # move the BatchNorm running statistics away from their init
-        model(**inputs(batch=4, seed=seed), **seq2seq_extra(arch, 4))
+        model(**inputs(batch=4, seed=seed), **seq2seq_extra(arch, 4), routing_mask=torch.ones(4, 9))
     model.eval()
     lengths = [6, 9, 4]
     rows = [inputs(batch=1, length=n, seed=10 + i) for i, n in enumerate(lengths)]
@@ -90,7 +90,7 @@ def test_eval_output_independent_of_batch_and_padding(arch: str) -> None:
 def test_save_load_round_trip_is_exact(arch: str, tmp_path) -> None:
     model = make_peft(arch)
     model.train()
-    model(**inputs(batch=4), **seq2seq_extra(arch, 4))  # update running statistics: they must be saved too
+    model(**inputs(batch=4), **seq2seq_extra(arch, 4), routing_mask=torch.ones(4, 9))  # move the running statistics
     model.eval()
     model.save_pretrained(tmp_path)
     loaded = PeftModel.from_pretrained(tiny_model(arch, vocab_size=VOCAB, seed=0), tmp_path).eval()
@@ -151,7 +151,7 @@ def test_router_objective_is_added_to_the_loss_in_training() -> None:
     for weight in (0.0, 0.5):
         model = make_peft("tiny-gemma3", router_mi_weight=weight).train()
         torch.manual_seed(0)
-        losses[weight] = model(**batch, labels=batch["input_ids"]).loss
+        losses[weight] = model(**batch, labels=prompt_labels(batch["input_ids"])).loss
     state = orchmoe.get_tuner(model).routing_state  # alive while the call's graph is
     assert state.mi_loss.requires_grad
     assert torch.allclose(losses[0.5], losses[0.0] + 0.5 * state.mi_loss)
@@ -203,7 +203,7 @@ def test_no_routing_outlives_its_call(arch: str) -> None:
     model = make_peft(arch).train()
     tuner = orchmoe.get_tuner(model)
     batch = {**inputs(batch=4), **seq2seq_extra(arch, 4)}
-    labels = batch["input_ids"] if arch == "tiny-gemma3" else batch["decoder_input_ids"]
+    labels = prompt_labels(batch["input_ids"]) if arch == "tiny-gemma3" else batch["decoder_input_ids"]
     model(**batch, labels=labels).loss.backward()
     assert tuner.routing_slot.get() is None
     with pytest.raises(RuntimeError, match="keeps no routing"):
@@ -213,3 +213,53 @@ def test_no_routing_outlives_its_call(arch: str) -> None:
         model.generate(**inputs(batch=3, seed=4), max_new_tokens=3, do_sample=False, pad_token_id=0)
         model(**batch)
     assert tuner.routing_slot.get() is None
+
+
+@pytest.mark.parametrize(
+    ("given", "prompt"),
+    [
+        ({"routing_mask": "explicit"}, [1, 1, 0, 0, 0, 0]),  # an explicit routing_mask wins
+        ({"labels": [-100, -100, -100, 5, 6, -100]}, [1, 1, 1, 0, 0, 0]),  # before the first supervised label
+        ({"labels": [-100, -100, 4, 5, 6, 7], "left_pad": 1}, [0, 1, 0, 0, 0, 0]),  # padding is never routed on
+    ],
+)
+def test_training_routes_from_the_prompt_that_generation_sees(given: dict, prompt: list[int]) -> None:
+    model = make_peft("tiny-gemma3").train()
+    ids = inputs(batch=1, length=6)["input_ids"]
+    mask = torch.ones(1, 6, dtype=torch.long)
+    mask[:, : given.get("left_pad", 0)] = 0
+    kwargs = {"input_ids": ids, "attention_mask": mask}
+    if "labels" in given:
+        kwargs["labels"] = torch.tensor([given["labels"]])
+    else:
+        kwargs["routing_mask"] = torch.tensor([[1, 1, 0, 0, 0, 0]])
+    output = model(**kwargs)  # its graph keeps the routing alive; a batch of one routes on running statistics
+    routed = orchmoe.get_tuner(model).routing_state.task_weights
+    expected = orchmoe.routing(model, {"input_ids": ids, "attention_mask": torch.tensor([prompt])}).task_weights
+    assert torch.allclose(routed, expected, atol=1e-6)
+    assert output.logits.requires_grad
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({}, ValueError, "needs the prompt of each training sequence"),
+        ({"labels": "all supervised"}, RuntimeError, "supervise its first token"),
+        ({"labels": "prompt", "position_ids": [[0, 1, 2, 0, 1, 2]]}, RuntimeError, "packed rows"),
+    ],
+)
+def test_training_without_a_prompt_is_refused(kwargs: dict, error: type, match: str) -> None:
+    model = make_peft("tiny-gemma3").train()
+    ids = inputs(batch=1, length=6)["input_ids"]
+    call = {"input_ids": ids}
+    if kwargs.get("labels") == "all supervised":
+        call["labels"] = ids
+    elif kwargs.get("labels") == "prompt":
+        call["labels"] = prompt_labels(ids)
+    if "position_ids" in kwargs:
+        call["position_ids"] = torch.tensor(kwargs["position_ids"])
+    with pytest.raises(error, match=match):
+        model(**call)
+    model.eval()
+    with torch.no_grad():
+        model(input_ids=ids)  # at eval the input is the prompt, as in generate

@@ -17,7 +17,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 import orchmoe
 from orchmoe import OrchMoEConfig
 from orchmoe.models import tiny_model
-from tests.conftest import ARCHS, VOCAB, inputs, make_peft, seq2seq_extra
+from tests.conftest import ARCHS, VOCAB, inputs, make_peft, prompt_labels, seq2seq_extra
 
 METHODS = ("orchmoe", "lora")
 
@@ -40,7 +40,7 @@ def batch_for(arch: str, batch: int = 3, seed: int = 0) -> dict[str, torch.Tenso
 
 def labelled(arch: str, batch: int = 4) -> dict[str, torch.Tensor]:
     data = batch_for(arch, batch)
-    data["labels"] = data["decoder_input_ids"] if arch == "tiny-t5" else data["input_ids"]
+    data["labels"] = data["decoder_input_ids"] if arch == "tiny-t5" else prompt_labels(data["input_ids"])
     return data
 
 
@@ -52,7 +52,7 @@ def logits(model: torch.nn.Module, arch: str, seed: int = 5) -> torch.Tensor:
 def trained(arch: str) -> torch.nn.Module:
     """An OrchMoE model after one training forward (running statistics moved), in eval mode."""
     model = make_peft(arch).train()
-    model(**batch_for(arch, 4))
+    model(**labelled(arch))
     return model.eval()
 
 
@@ -69,7 +69,7 @@ def test_save_load_under_any_name(arch: str, tmp_path: Path, safe_serialization:
         model.add_adapter(saved_as, config("orchmoe", arch))
         model.set_adapter(saved_as)
         model.train()
-        model(**batch_for(arch, 4))
+        model(**labelled(arch))
         model.eval()
     model.save_pretrained(tmp_path, selected_adapters=[saved_as], safe_serialization=safe_serialization)
     loaded = PeftModel.from_pretrained(

@@ -1,6 +1,6 @@
 """OrchMoE and its baselines (peft's own LoRA, Poly and MHR), sized to the same adapter-parameter count.
 
-Parity (DESIGN.md): LoRA of rank R = S*r; OrchMoE, Poly and MHR with S skills of rank r. Router parameters are
+Parity: LoRA of rank R = S*r; OrchMoE, Poly and MHR with S skills of rank r. Router parameters are
 counted and reported apart from adapter (skill) parameters. Poly/MHR get one extra task row, never trained, that is
 set to the average of the trained rows to evaluate tasks never seen in training (as microsoft/mttl does).
 """

@@ -154,7 +154,7 @@ class Linear(nn.Module, OrchMoELayer):
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
         raise NotImplementedError(
             "OrchMoE's update depends on each example's routing and cannot be merged into the base weights. Export "
-            "one routing as a plain LoRA adapter (orchmoe.export_routing_as_lora) and merge that instead."
+            "one routing as a plain LoRA adapter (orchmoe.export_lora) and merge that instead."
         )
 
     def unmerge(self) -> None:

@@ -182,6 +182,8 @@ class OrchMoEModel(BaseTuner):
         adapter = self._adapter
         n_tasks = self.peft_config[adapter].n_abstract_tasks
         if task_weights is None:
+            if self.peft_config[adapter].task_type == "CAUSAL_LM":
+                routing_mask = causal_routing_mask(kwargs, routing_mask, self.training)
             input_ids = kwargs.get("input_ids", args[0] if args else None)
             task_weights = self.task_weights(
                 input_ids, kwargs.get("attention_mask"), routing_mask, kwargs.get("inputs_embeds")
@@ -192,7 +194,7 @@ class OrchMoEModel(BaseTuner):
             )
         # one computation (one all_gather under data parallelism, in training only) serves the loss and the log
         per_example, marginal = routing_entropies(task_weights, global_batch=self.training)
-        state = RoutingState(task_weights, per_example - marginal, per_example.detach(), marginal.detach())
+        state = RoutingState(task_weights, per_example - marginal, per_example.detach(), marginal.detach(), False)
         layers = dict(self.orchmoe_layers(adapter))
         alphas = self.skill_weights(task_weights, stochastic=self.training)
         weights = {layers[name]: layers[name].layer_weights(adapter, alpha) for name, alpha in alphas.items()}
@@ -235,6 +237,7 @@ class OrchMoEModel(BaseTuner):
         weight = self.peft_config[self._adapter].router_mi_weight
         if self.training and weight > 0 and getattr(output, "loss", None) is not None:
             output.loss = output.loss + weight * routing.state.mi_loss
+            routing.state.in_loss = True
         return output
 
     def generate(
@@ -307,6 +310,41 @@ class OrchMoEModel(BaseTuner):
             "OrchMoE routes per example and cannot be merged into the base weights. Export one routing as a plain "
             "LoRA adapter (orchmoe.export_lora) and merge that."
         )
+
+
+def causal_routing_mask(kwargs: dict, routing_mask: Any, training: bool) -> Any:
+    """The prompt tokens of a causal LM call, so that training routes exactly as generation will (from the prompt).
+
+    ``routing_mask`` when given; else, with ``labels``, the tokens before each sequence's first label other than -100
+    (the prompt, as every completion-only collator masks it); else, in eval mode, all attended tokens (the input is
+    the prompt, as in ``generate``). In training mode with neither, the call is refused: the routing would read the
+    answer too. Packed rows (several sequences in one row, ``position_ids`` restarting) are refused, since a row gets
+    one routing. Both checks are asynchronous device assertions (no host sync).
+    """
+    position_ids = kwargs.get("position_ids")
+    if training and position_ids is not None and position_ids.dim() == 2 and position_ids.shape[1] > 1:
+        torch._assert_async(
+            (position_ids.diff(dim=-1) >= 0).all(),
+            "OrchMoE routes each row from its prompt and cannot route packed rows (position_ids restart inside a "
+            "row): turn packing off (SFTConfig(packing=False), no DataCollatorWithFlattening).",
+        )
+    if routing_mask is not None:
+        return routing_mask
+    labels = kwargs.get("labels")
+    if labels is not None:
+        prompt = (labels != -100).cumsum(dim=-1) == 0  # (B, L): before the first supervised token
+        torch._assert_async(
+            prompt.any(dim=-1).all(),
+            "OrchMoE derives the prompt from labels (the tokens before the first label other than -100), and an "
+            "example's labels supervise its first token: mask the prompt in labels with -100, or pass routing_mask.",
+        )
+        return prompt
+    if training:
+        raise ValueError(
+            "OrchMoE needs the prompt of each training sequence, to route training as generation will: pass labels "
+            "with the prompt masked to -100 (as completion-only collators do), or routing_mask (1 on prompt tokens)."
+        )
+    return None
 
 
 def routing_tokens(
