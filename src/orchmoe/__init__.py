@@ -10,7 +10,20 @@ from .tuner.access import format_parameter_report, get_tuner, parameter_report, 
 
 __version__ = "0.1.0"
 
+_TRAINING = ("OrchMoESFTTrainer", "OrchMoETrainer", "OrchMoETrainerMixin", "RelaxationSchedule", "set_relaxation")
+
+
+def __getattr__(name: str) -> object:
+    """The Trainer integration (``orchmoe.training``) loads on first use: it imports transformers' Trainer."""
+    if name in _TRAINING:
+        from . import training
+
+        return getattr(training, name)
+    raise AttributeError(f"module 'orchmoe' has no attribute {name!r}")
+
+
 __all__ = [
+    *_TRAINING,
     "OrchMoEConfig",
     "OrchMoEModel",
     "Routing",

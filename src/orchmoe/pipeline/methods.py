@@ -157,17 +157,3 @@ def set_unseen_task_row(model: nn.Module, n_train_tasks: int) -> None:
         for name, p in model.named_parameters():
             if "poly_router" in name and name.endswith("module_logits"):
                 p[n_train_tasks] = p[:n_train_tasks].mean(dim=0)
-
-
-def set_relaxation(model: nn.Module, temperature: float | None = None, noise_scale: float | None = None) -> None:
-    """OrchMoE: set the Gumbel temperature and/or noise scale of every Skill Router (for annealing), and of the
-    adapter's config, so that a saved adapter records the values training ended with (eval uses its temperature)."""
-    values = {k: v for k, v in {"temperature": temperature, "noise_scale": noise_scale}.items() if v is not None}
-    tuner = get_tuner(model)
-    for config in tuner.peft_config.values():
-        for key, value in values.items():
-            setattr(config, key, value)
-    for module in tuner.modules():
-        if isinstance(module, SkillRouter):
-            for key, value in values.items():
-                setattr(module, key, value)

@@ -30,25 +30,19 @@ from transformers import get_constant_schedule_with_warmup, get_linear_schedule_
 
 from ..data import IGNORE_INDEX, Collator, encode
 from ..models import load_model
+from ..training import RelaxationSchedule, set_relaxation
 from ..tuner.access import get_tuner
 from . import checkpoint
 from .common import CONFIG_FILE, make_selection, model_inputs, prepare_run_dir, resolve_data_dir, write_json
 from .config import RunConfig
-from .methods import build, count_parameters, optimizer_groups, set_relaxation, set_unseen_task_row
+from .methods import build, count_parameters, optimizer_groups, set_unseen_task_row
 
 LOG_FILE = "train_log.jsonl"
 
 
 def relaxation_at(cfg: RunConfig, progress: float) -> dict[str, float | None]:
-    """The Skill Router's annealed settings at ``progress`` in [0, 1] of training (None: not annealed): the
-    temperature geometrically from ``temperature`` to ``temperature_end``, the noise scale linearly from 1 to
-    ``noise_scale_end``."""
-    temperature = noise_scale = None
-    if cfg.temperature_end is not None:
-        temperature = cfg.temperature * (cfg.temperature_end / cfg.temperature) ** progress
-    if cfg.noise_scale_end is not None:
-        noise_scale = 1.0 + (cfg.noise_scale_end - 1.0) * progress
-    return {"temperature": temperature, "noise_scale": noise_scale}
+    """The Skill Router's annealed settings at ``progress`` in [0, 1] of training (None: not annealed)."""
+    return RelaxationSchedule(cfg.temperature_end, cfg.noise_scale_end).at(cfg.temperature, progress)
 
 
 class TrainingDiverged(RuntimeError):

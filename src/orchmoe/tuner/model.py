@@ -194,7 +194,7 @@ class OrchMoEModel(BaseTuner):
             )
         # one computation (one all_gather under data parallelism, in training only) serves the loss and the log
         per_example, marginal = routing_entropies(task_weights, global_batch=self.training)
-        state = RoutingState(task_weights, per_example - marginal, per_example.detach(), marginal.detach(), False)
+        state = RoutingState(task_weights, per_example - marginal, per_example.detach(), marginal.detach())
         layers = dict(self.orchmoe_layers(adapter))
         alphas = self.skill_weights(task_weights, stochastic=self.training)
         weights = {layers[name]: layers[name].layer_weights(adapter, alpha) for name, alpha in alphas.items()}
@@ -235,9 +235,9 @@ class OrchMoEModel(BaseTuner):
         with self._tied(routing, kwargs):
             output = self.model(*args, **kwargs)
         weight = self.peft_config[self._adapter].router_mi_weight
-        if self.training and weight > 0 and getattr(output, "loss", None) is not None:
+        add = self.__dict__.get("add_router_loss_to_output", True)  # off: a trainer adds it (orchmoe.training)
+        if add and self.training and weight > 0 and getattr(output, "loss", None) is not None:
             output.loss = output.loss + weight * routing.state.mi_loss
-            routing.state.in_loss = True
         return output
 
     def generate(

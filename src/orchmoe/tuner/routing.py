@@ -37,7 +37,6 @@ class RoutingState:
     mi_loss: torch.Tensor  # scalar: mean_b H(w_b) - H(mean_b w)
     entropy_per_example: torch.Tensor  # scalar, detached
     entropy_marginal: torch.Tensor  # scalar, detached
-    in_loss: bool = False  # the forward added router_mi_weight * mi_loss to the output's loss
 
 
 @dataclass(eq=False)

@@ -1,0 +1,183 @@
+"""Train OrchMoE where users train: Hugging Face ``Trainer`` and TRL's ``SFTTrainer``.
+
+``OrchMoETrainerMixin`` adds to any ``Trainer`` subclass what OrchMoE needs beyond a peft method's defaults:
+
+- the routers' own learning rate (``router_lr_multiplier`` of the adapter's config) in an optimizer group of their
+  own, without weight decay;
+- the router objective in the loss, also when the trainer computes its loss itself (TRL's SFTTrainer does);
+- the Skill Router's relaxation schedules (``temperature_end``, ``noise_scale_end``) as a callback;
+- the ``routing_mask`` column kept when a dataset has one (else the model derives the prompt from ``labels``);
+- packing refused (a packed row holds several prompts but gets one routing).
+
+``OrchMoETrainer`` is ``transformers.Trainer`` with it; ``OrchMoESFTTrainer`` is TRL's ``SFTTrainer`` with it (when
+TRL is installed). For any other trainer: ``class MyTrainer(OrchMoETrainerMixin, TheirTrainer)``. Gradient
+checkpointing, bf16/fp16 and ``torchrun`` / ``accelerate launch`` work as with LoRA.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import Trainer, TrainerCallback
+
+from .tuner.access import get_tuner
+from .tuner.model import OrchMoEModel
+from .tuner.router import SkillRouter
+
+
+@dataclass(frozen=True)
+class RelaxationSchedule:
+    """The Skill Router's relaxation over training: the temperature geometrically from the config's ``temperature``
+    to ``temperature_end``, the noise scale linearly from 1 to ``noise_scale_end`` (None: kept as configured)."""
+
+    temperature_end: float | None = None
+    noise_scale_end: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.temperature_end is not None and self.temperature_end <= 0:
+            raise ValueError(f"temperature_end must be > 0, got {self.temperature_end}.")
+        if self.noise_scale_end is not None and self.noise_scale_end < 0:
+            raise ValueError(f"noise_scale_end must be >= 0, got {self.noise_scale_end}.")
+
+    @property
+    def active(self) -> bool:
+        return self.temperature_end is not None or self.noise_scale_end is not None
+
+    def at(self, temperature: float, progress: float) -> dict[str, float | None]:
+        """The settings at ``progress`` in [0, 1] of training, from the start ``temperature``."""
+        values: dict[str, float | None] = {"temperature": None, "noise_scale": None}
+        if self.temperature_end is not None:
+            values["temperature"] = temperature * (self.temperature_end / temperature) ** progress
+        if self.noise_scale_end is not None:
+            values["noise_scale"] = 1.0 + (self.noise_scale_end - 1.0) * progress
+        return values
+
+
+def set_relaxation(model: nn.Module, temperature: float | None = None, noise_scale: float | None = None) -> None:
+    """Set the Gumbel temperature and/or noise scale of every Skill Router, and of the adapters' configs, so that a
+    saved adapter records the values training ended with (evaluation uses its temperature)."""
+    values = {k: v for k, v in {"temperature": temperature, "noise_scale": noise_scale}.items() if v is not None}
+    tuner = get_tuner(model)
+    for config in tuner.peft_config.values():
+        for key, value in values.items():
+            setattr(config, key, value)
+    for module in tuner.modules():
+        if isinstance(module, SkillRouter):
+            for key, value in values.items():
+                setattr(module, key, value)
+
+
+def is_orchmoe(model: nn.Module) -> bool:
+    return isinstance(getattr(model, "base_model", None), OrchMoEModel) or isinstance(model, OrchMoEModel)
+
+
+def router_parameter_groups(
+    model: nn.Module, lr: float, weight_decay: float, decay_names: Iterable[str] | None = None
+) -> list[dict[str, Any]]:
+    """Optimizer groups for an OrchMoE model: trainable non-router parameters at ``lr`` (weight decay on
+    ``decay_names``, all of them when None), router parameters at ``lr * router_lr_multiplier`` without decay."""
+    tuner = get_tuner(model)
+    multiplier = tuner.peft_config[tuner._adapter].router_lr_multiplier
+    routers = {id(p) for p in tuner.router_parameters()}
+    decay = None if decay_names is None else set(decay_names)
+    groups: dict[str, dict[str, Any]] = {
+        "adapters": {"params": [], "lr": lr, "weight_decay": weight_decay},
+        "adapters_no_decay": {"params": [], "lr": lr, "weight_decay": 0.0},
+        "routers": {"params": [], "lr": lr * multiplier, "weight_decay": 0.0},
+    }
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        key = "routers" if id(p) in routers else "adapters" if decay is None or name in decay else "adapters_no_decay"
+        groups[key]["params"].append(p)
+    return [{**group, "name": key} for key, group in groups.items() if group["params"]]
+
+
+class RelaxationCallback(TrainerCallback):
+    """Runs a :class:`RelaxationSchedule` over a Trainer's steps."""
+
+    def __init__(self, schedule: RelaxationSchedule) -> None:
+        self.schedule = schedule
+        self.start: float | None = None
+
+    def on_step_begin(self, args: Any, state: Any, control: Any, model: nn.Module | None = None, **_: Any) -> None:
+        if model is None or not is_orchmoe(model):
+            return
+        tuner = get_tuner(model)
+        if self.start is None:
+            self.start = tuner.peft_config[tuner._adapter].temperature
+        progress = state.global_step / max(1, state.max_steps - 1)
+        set_relaxation(model, **self.schedule.at(self.start, min(1.0, progress)))
+
+
+class OrchMoETrainerMixin:
+    """OrchMoE's needs on top of a ``transformers.Trainer`` subclass (see the module docstring)."""
+
+    def __init__(
+        self, *args: Any, temperature_end: float | None = None, noise_scale_end: float | None = None, **kwargs: Any
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        if getattr(self.args, "packing", False) and is_orchmoe(self.model):
+            raise ValueError(
+                "OrchMoE routes each example from its own prompt, and a packed row holds several examples: set "
+                "packing=False (SFTConfig(packing=False))."
+            )
+        schedule = RelaxationSchedule(temperature_end, noise_scale_end)
+        if schedule.active:
+            self.add_callback(RelaxationCallback(schedule))
+
+    def create_optimizer(self, *args: Any, **kwargs: Any) -> torch.optim.Optimizer:
+        if self.optimizer is not None or not is_orchmoe(self.model):
+            return super().create_optimizer(*args, **kwargs)
+        decay = self.get_decay_parameter_names(self.model)
+        groups = router_parameter_groups(self.model, self.args.learning_rate, self.args.weight_decay, decay)
+        optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, self.model)
+        self.optimizer = optimizer_cls(
+            [{k: v for k, v in g.items() if k != "name"} for g in groups], **optimizer_kwargs
+        )
+        return self.optimizer
+
+    def _set_signature_columns_if_needed(self) -> None:
+        super()._set_signature_columns_if_needed()
+        if self._signature_columns is not None and "routing_mask" not in self._signature_columns:
+            self._signature_columns.append("routing_mask")
+
+    def compute_loss(
+        self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool = False, num_items_in_batch: Any = None
+    ) -> Any:
+        """The trainer's loss plus the router objective, added here once whether the trainer uses the model's loss
+        (Trainer) or computes its own (TRL); averaged over accumulation steps when the trainer leaves accumulation
+        to the loss (``num_items_in_batch``), as TRL does for MoE auxiliary losses."""
+        unwrapped = self.accelerator.unwrap_model(model)
+        if not (unwrapped.training and is_orchmoe(unwrapped)):
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch=num_items_in_batch)
+        tuner = get_tuner(unwrapped)
+        tuner.add_router_loss_to_output = False
+        try:
+            result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch=num_items_in_batch)
+        finally:
+            tuner.add_router_loss_to_output = True
+        loss, outputs = result if return_outputs else (result, None)
+        steps = self.current_gradient_accumulation_steps if num_items_in_batch is not None else 1
+        loss = loss + tuner.router_aux_loss() / steps
+        return (loss, outputs) if return_outputs else loss
+
+
+class OrchMoETrainer(OrchMoETrainerMixin, Trainer):
+    """``transformers.Trainer`` for OrchMoE models (and any other model, unchanged)."""
+
+
+def __getattr__(name: str) -> Any:
+    if name == "OrchMoESFTTrainer":  # only when TRL is installed
+        from trl import SFTTrainer
+
+        trainer = type(
+            "OrchMoESFTTrainer", (OrchMoETrainerMixin, SFTTrainer), {"__doc__": "TRL's SFTTrainer for OrchMoE."}
+        )
+        globals()[name] = trainer
+        return trainer
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

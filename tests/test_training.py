@@ -1,0 +1,140 @@
+"""OrchMoE through Hugging Face's Trainer and TRL's SFTTrainer (orchmoe.training), and the examples that show how."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from datasets import Dataset
+from peft import get_peft_model
+from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
+from trl import SFTConfig, SFTTrainer
+
+import orchmoe
+from orchmoe import OrchMoEConfig
+from orchmoe.models import char_tokenizer, tiny_model
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "examples"))
+from _data import rows, tokenize  # noqa: E402
+
+TOKENIZER = char_tokenizer()
+COMMON = {"max_steps": 3, "per_device_train_batch_size": 4, "learning_rate": 1e-2, "save_strategy": "no",
+          "report_to": [], "use_cpu": True, "logging_steps": 1}  # fmt: skip
+
+
+def orchmoe_model(init_weights: bool = False) -> torch.nn.Module:
+    config = OrchMoEConfig(n_abstract_tasks=3, n_skills=4, r=2, target_modules=["q_proj", "v_proj"],
+                           task_type="CAUSAL_LM", init_weights=init_weights)  # fmt: skip
+    torch.manual_seed(0)
+    return get_peft_model(tiny_model("tiny-gemma3", vocab_size=len(TOKENIZER), seed=0), config)
+
+
+def tokenized(n: int = 12) -> list[dict[str, list[int]]]:
+    return [tokenize(TOKENIZER, row) for row in rows(n)]
+
+
+class RecordRoutingMasks:
+    """The token masks the Task Router pooled over, call by call (a forward hook on the router)."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.masks: list[torch.Tensor] = []
+        orchmoe.get_tuner(model).task_router().register_forward_hook(self)
+
+    def __call__(self, module: torch.nn.Module, args: tuple, output: torch.Tensor) -> None:
+        self.masks.append(args[1].detach().cpu())
+
+
+def prompt_lengths(n: int) -> list[int]:
+    return [len(TOKENIZER(row["prompt"], add_special_tokens=False)["input_ids"]) for row in rows(n)]
+
+
+@pytest.mark.parametrize("trainer_cls", [Trainer, orchmoe.OrchMoETrainer])
+def test_trainer_routes_training_from_the_prompt(tmp_path: Path, trainer_cls: type) -> None:
+    """Trainer drops a routing_mask column it does not know; the prompt then comes from the masked labels."""
+    model = orchmoe_model()
+    record = RecordRoutingMasks(model)
+    args = TrainingArguments(output_dir=str(tmp_path), **COMMON, gradient_checkpointing=True)
+    collator = DataCollatorForSeq2Seq(TOKENIZER, label_pad_token_id=-100)
+    trainer_cls(model=model, args=args, train_dataset=tokenized(), data_collator=collator).train()
+    routed = sorted(int(n) for mask in record.masks for n in mask.sum(dim=1))  # the sampler shuffles
+    assert routed == sorted(prompt_lengths(12))  # 3 steps of 4: each sequence routed on its prompt alone
+
+
+def test_orchmoe_trainer_gives_routers_their_learning_rate_and_anneals(tmp_path: Path) -> None:
+    model = orchmoe_model()
+    args = TrainingArguments(output_dir=str(tmp_path), **COMMON, weight_decay=0.1)
+    collator = DataCollatorForSeq2Seq(TOKENIZER, label_pad_token_id=-100)
+    trainer = orchmoe.OrchMoETrainer(model=model, args=args, train_dataset=tokenized(), data_collator=collator,
+                                     temperature_end=4.0, noise_scale_end=0.0)  # fmt: skip
+    trainer.train()
+    groups = trainer.optimizer.param_groups
+    routers = {id(p) for p in orchmoe.get_tuner(model).router_parameters()}
+    router_groups = [g for g in groups if {id(p) for p in g["params"]} <= routers]
+    assert len(router_groups) == 1 and {id(p) for p in router_groups[0]["params"]} == routers
+    assert router_groups[0]["initial_lr"] == pytest.approx(1e-2 * 10.0)  # router_lr_multiplier
+    assert router_groups[0]["weight_decay"] == 0.0
+    assert any(g["weight_decay"] == 0.1 for g in groups)
+    config = model.peft_config["default"]
+    assert config.temperature == pytest.approx(4.0) and config.noise_scale == pytest.approx(0.0)
+
+
+def sft_dataset(n: int = 12) -> Dataset:
+    return Dataset.from_list([{"prompt": r["prompt"], "completion": r["completion"]} for r in rows(n)])
+
+
+@pytest.mark.parametrize(("trainer_cls", "router_moves"), [(SFTTrainer, False), ("OrchMoESFTTrainer", True)])
+def test_sft_trainer_routes_on_prompts_and_keeps_the_router_loss(tmp_path, trainer_cls, router_moves) -> None:
+    """With every skill's B at zero, the language-model loss gives the Task Router no gradient in the first step:
+    only the router objective moves it. TRL computes its own loss, so plain SFTTrainer drops that objective;
+    OrchMoESFTTrainer adds it."""
+    trainer_cls = getattr(orchmoe, trainer_cls) if isinstance(trainer_cls, str) else trainer_cls
+    model = orchmoe_model(init_weights=True)
+    record = RecordRoutingMasks(model)
+    before = orchmoe.get_tuner(model).task_router().proj.weight.detach().clone()
+    one_step = {**COMMON, "max_steps": 1}
+    args = SFTConfig(output_dir=str(tmp_path), **one_step)  # TRL's defaults: gradient checkpointing, completion-only
+    assert args.gradient_checkpointing and not args.packing
+    trainer = trainer_cls(model=model, args=args, train_dataset=sft_dataset(), processing_class=TOKENIZER)
+    trainer.train()
+    moved = not torch.equal(orchmoe.get_tuner(model).task_router().proj.weight, before)
+    assert moved == router_moves
+    # TRL shuffles: compare the multiset of routed lengths with the prompts' (each routed on its prompt alone)
+    routed = sorted(int(n) for mask in record.masks for n in mask.sum(dim=1))
+    assert len(routed) == 4 and set(routed) <= set(prompt_lengths(12))
+
+
+def test_sft_packing_is_refused(tmp_path: Path) -> None:
+    args = SFTConfig(output_dir=str(tmp_path), **COMMON, packing=True)
+    with pytest.raises(ValueError, match="packing=False"):
+        orchmoe.OrchMoESFTTrainer(model=orchmoe_model(), args=args, train_dataset=sft_dataset(),
+                                  processing_class=TOKENIZER)  # fmt: skip
+
+
+EXAMPLES = [
+    ["examples/trainer.py"],
+    ["examples/trainer.py", "--bf16", "--gradient-checkpointing"],
+    ["examples/trl_sft.py"],
+    ["examples/qlora.py"],
+]
+
+
+@pytest.mark.parametrize("command", EXAMPLES, ids=" ".join)
+def test_example_runs(tmp_path: Path, command: list[str]) -> None:
+    result = subprocess.run([sys.executable, *command, "--out", str(tmp_path)], cwd=ROOT, capture_output=True,
+                            text=True, timeout=600)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "final loss" in result.stdout and (tmp_path / "adapter" / "adapter_config.json").is_file()
+
+
+def test_trainer_example_under_torchrun_with_two_processes(tmp_path: Path) -> None:
+    torchrun = Path(sys.executable).with_name("torchrun")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([str(torchrun), "--nproc_per_node", "2", "examples/trainer.py", "--out", str(tmp_path)],
+                            cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("final loss") == 1  # printed by the main process only
