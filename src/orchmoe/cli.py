@@ -71,13 +71,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_options(p, skip=("method",))
 
     p = sub.add_parser("export", parents=[common], help="Write one OrchMoE routing as a standard PEFT LoRA adapter.")
-    p.add_argument("run", type=Path, help="A run directory trained with --method orchmoe.")
+    p.add_argument("run", type=Path, help="A run directory of `orchmoe train` or any OrchMoE adapter directory.")
     routing = p.add_mutually_exclusive_group(required=True)
-    routing.add_argument("--task", help="Average routing of this task's test prompts.")
+    routing.add_argument("--task", help="Average routing of this task's test prompts (run directories).")
     routing.add_argument("--abstract-task", type=int, help="One abstract task (one-hot task weights).")
     routing.add_argument("--prompt", help="The routing of this prompt text.")
     p.add_argument("--out", type=Path, required=True, help="Directory for the LoRA adapter.")
     p.add_argument("--overwrite", action="store_true", help="Replace an existing --out.")
+    p.add_argument("--model", help="Base model of an adapter directory (default: its base_model_name_or_path).")
     return parser
 
 
@@ -114,10 +115,10 @@ def main(argv: list[str] | None = None) -> int:
             from .pipeline.export import export_run
 
             path = export_run(args.run, args.out, task=args.task, abstract_task=args.abstract_task,
-                              prompt=args.prompt, overwrite=args.overwrite)  # fmt: skip
+                              prompt=args.prompt, overwrite=args.overwrite, model_name=args.model)  # fmt: skip
             print(f"wrote a PEFT LoRA adapter to {path}")
         finished = True
-    except (ValueError, FileNotFoundError, RuntimeError) as err:
+    except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as err:
         message = " ".join(str(err).split())  # one line, whatever the library wrote
         print(f"orchmoe {args.command}: error: {message}", file=sys.stderr)
         return 2

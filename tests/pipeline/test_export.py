@@ -6,6 +6,7 @@ import torch
 from peft import PeftModel
 
 import orchmoe
+from orchmoe.cli import main
 from orchmoe.models import tiny_model
 from orchmoe.pipeline.export import lora_from_routing, to_lora_model
 from tests.conftest import VOCAB, inputs, make_peft
@@ -29,3 +30,19 @@ def test_exported_lora_equals_the_routed_model(tmp_path) -> None:
     with torch.no_grad():
         torch.testing.assert_close(loaded(**batch).logits, routed, atol=1e-5, rtol=1e-4)
         assert torch.equal(model(**batch, task_weights=task_weights.repeat(2, 1)).logits, routed)
+
+
+def test_export_from_any_adapter_directory(tmp_path) -> None:
+    """`orchmoe export` on a directory written by save_pretrained (as Trainer and TRL write them), not a run."""
+    model = make_peft("tiny-gemma3").eval()  # the char tokenizer's vocabulary: tiny-gemma3 as load_model builds it
+    model.save_pretrained(tmp_path / "adapter")
+    code = main(["export", str(tmp_path / "adapter"), "--abstract-task", "1", "--model", "tiny-gemma3",
+                 "--out", str(tmp_path / "lora"), "--quiet"])  # fmt: skip
+    assert code == 0
+    loaded = PeftModel.from_pretrained(tiny_model("tiny-gemma3", vocab_size=VOCAB, seed=0), tmp_path / "lora").eval()
+    batch = inputs(batch=2)
+    with torch.no_grad():
+        routed = model(**batch, task_weights=torch.tensor([[0.0, 1.0, 0.0]] * 2)).logits
+        torch.testing.assert_close(loaded(**batch).logits, routed, atol=1e-5, rtol=1e-4)
+    assert main(["export", str(tmp_path / "adapter"), "--task", "x", "--model", "tiny-gemma3",
+                 "--out", str(tmp_path / "other"), "--quiet"]) == 2  # fmt: skip
