@@ -59,14 +59,26 @@ def encode(
     tokenizer: PreTrainedTokenizerBase,
     max_input_tokens: int,
     max_target_tokens: int,
+    chat_template: bool = False,
 ) -> tuple[list[Encoded], TruncationReport]:
-    """Tokenize prompts (with BOS if the tokenizer adds one) and targets (' ' + target, then EOS)."""
+    """Tokenize prompts (with BOS if the tokenizer adds one; with ``chat_template``, as the user turn of the
+    tokenizer's chat template, ready for the assistant's answer) and targets (' ' + target, then EOS)."""
     if max_input_tokens < 8 or max_target_tokens < 1:
         raise ValueError("max_input_tokens must be >= 8 and max_target_tokens >= 1.")
     empty = [e for e in examples if not e.prompt.strip()]
     if empty:
         raise ValueError(f"Example {empty[0].id} of task {empty[0].task} has an empty prompt.")
-    prompts = tokenizer([e.prompt for e in examples], add_special_tokens=True)["input_ids"]
+    if chat_template:
+        if not getattr(tokenizer, "chat_template", None):
+            raise ValueError("--chat-template: this model's tokenizer has no chat template.")
+        texts = [
+            tokenizer.apply_chat_template([{"role": "user", "content": e.prompt}], tokenize=False,
+                                          add_generation_prompt=True)
+            for e in examples
+        ]  # fmt: skip
+        prompts = tokenizer(texts, add_special_tokens=False)["input_ids"]  # the template writes its own BOS
+    else:
+        prompts = tokenizer([e.prompt for e in examples], add_special_tokens=True)["input_ids"]
     targets = tokenizer([" " + e.target for e in examples], add_special_tokens=False)["input_ids"]
     eos = tokenizer.eos_token_id
     report = TruncationReport(total=len(examples))

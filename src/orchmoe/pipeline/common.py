@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from ..data import Selection, select, write_suite
+from ..data.files import file_selection
 from .checkpoint import atomic_write_text
 from .config import RunConfig
 
@@ -21,7 +22,9 @@ class RunDirError(RuntimeError):
 
 
 def resolve_data_dir(cfg: RunConfig, out: Path) -> RunConfig:
-    """Without --data-dir, write the built-in suite (deterministic from the seed) under ``out/suite``."""
+    """Without --data-dir (or --data), write the built-in suite (deterministic from the seed) under ``out/suite``."""
+    if cfg.data is not None:
+        return cfg
     if cfg.data_dir is not None:
         if not Path(cfg.data_dir).is_dir():
             raise RunDirError(
@@ -36,6 +39,8 @@ def resolve_data_dir(cfg: RunConfig, out: Path) -> RunConfig:
 def make_selection(cfg: RunConfig, n_val: int = 0, n_extra: int = 0) -> Selection:
     """The run's task selection; ``n_val`` > 0 adds validation instances, ``n_extra`` > 0 more test instances, neither
     changing the training sample."""
+    if cfg.data is not None:
+        return file_selection(cfg.data, cfg.eval_data, cfg.eval_fraction, cfg.seed)
     assert cfg.data_dir is not None
     return select(
         cfg.data_dir,

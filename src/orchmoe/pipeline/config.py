@@ -21,6 +21,13 @@ class RunConfig:
     method: str = field(default="orchmoe", metadata={"help": "orchmoe, lora, poly or mhr."})
     model: str = field(default="gemma3-270m", metadata={"help": "gemma3-270m, tiny-gemma3, tiny-t5, an HF id or path."})
     data_dir: str | None = field(default=None, metadata={"help": "SNI layout; None = the built-in suite."})
+    data: str | None = field(
+        default=None,
+        metadata={"help": "Your own data: JSONL, CSV, Parquet or a datasets dir with prompt, completion (, task)."},
+    )
+    eval_data: str | None = field(default=None, metadata={"help": "A second file to evaluate on (with --data)."})
+    eval_fraction: float = field(default=0.1, metadata={"help": "Held out of --data for evaluation (no --eval-data)."})
+    chat_template: bool = field(default=False, metadata={"help": "Wrap prompts in the tokenizer's chat template."})
     split: str = field(default="default", metadata={"help": "Split folder under splits/."})
     seed: int = field(default=0, metadata={"help": "Seeds task choice, data order and initialisation."})
     n_tasks: int = field(default=10, metadata={"help": "Training tasks, chosen at random (seeded)."})
@@ -84,6 +91,10 @@ class RunConfig:
             raise ValueError(f"--schedule must be linear or constant, got {self.schedule!r}.")
         if self.lr <= 0:
             raise ValueError(f"--lr must be > 0, got {self.lr}.")
+        if self.data is not None and self.data_dir is not None:
+            raise ValueError("--data and --data-dir exclude each other: your own rows, or an SNI directory.")
+        if not 0.0 <= self.eval_fraction < 1.0:
+            raise ValueError(f"--eval-fraction must be in [0, 1), got {self.eval_fraction}.")
         if self.noise_scale_end is not None and self.noise_scale_end < 0:
             raise ValueError(f"--noise-scale-end must be >= 0 (or unset), got {self.noise_scale_end}.")
         if self.allocation_lr is not None and self.allocation_lr <= 0:

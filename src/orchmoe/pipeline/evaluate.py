@@ -54,10 +54,11 @@ def generate(
     max_new_tokens: int,
     desc: str = "eval",
     progress: bool = True,
+    chat_template: bool = False,
 ) -> tuple[list[dict[str, Any]], np.ndarray | None]:
     """Greedy predictions (one dict per example) and, for OrchMoE, the abstract-task weights (N, T)."""
     tokenizer = loaded.tokenizer
-    encoded, _ = encode(examples, tokenizer, max_input_tokens, max_target_tokens=1)
+    encoded, _ = encode(examples, tokenizer, max_input_tokens, max_target_tokens=1, chat_template=chat_template)
     collate = Collator(tokenizer.pad_token_id, loaded.is_encoder_decoder, generation=True)
     loader = DataLoader(encoded, batch_size=batch_size, collate_fn=collate)
     rows, weights = [], []
@@ -98,7 +99,7 @@ def score_sets(
     for name, examples in sets.items():
         rows, weights = generate(
             model, loaded, examples, cfg.method, task_index, cfg.eval_batch_size, cfg.max_input_tokens,
-            cfg.max_new_tokens, desc=f"eval {cfg.method} {name}", progress=progress,
+            cfg.max_new_tokens, desc=f"eval {cfg.method} {name}", progress=progress, chat_template=cfg.chat_template,
         )  # fmt: skip
         scores = metrics.score([r["prediction"] for r in rows], [r["references"] for r in rows],
                                [r["task"] for r in rows])  # fmt: skip

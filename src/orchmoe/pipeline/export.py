@@ -133,7 +133,7 @@ def task_routing(cfg, loaded, model: PeftModel, task: str | None) -> torch.Tenso
         raise ValueError(f"--task {task!r} is not among this run's tasks: {known}.")
     from ..data import Collator, encode
 
-    encoded, _ = encode(examples, loaded.tokenizer, cfg.max_input_tokens, 1)
+    encoded, _ = encode(examples, loaded.tokenizer, cfg.max_input_tokens, 1, cfg.chat_template)
     batch = Collator(loaded.tokenizer.pad_token_id, loaded.is_encoder_decoder, generation=True)(encoded)
     return get_tuner(model).routing(**model_inputs(batch, "orchmoe", {}, 0)).task_weights.mean(dim=0, keepdim=True)
 

@@ -111,6 +111,8 @@ def _trackers() -> list[str]:
 def train(cfg: RunConfig, out: Path, resume: bool = False, overwrite: bool = False, progress: bool = True):
     """Train ``cfg.method`` and save the adapter in ``out/adapter``; returns a :class:`TrainResult`."""
     out = Path(out)
+    if cfg.data is not None:  # a malformed row stops the run before anything in --out is touched
+        make_selection(cfg)
     accelerator = Accelerator(
         cpu=not torch.accelerator.is_available(),  # data-parallel on CPUs (gloo) needs this said explicitly
         gradient_accumulation_steps=cfg.grad_accum,
@@ -136,7 +138,9 @@ def train(cfg: RunConfig, out: Path, resume: bool = False, overwrite: bool = Fal
     # the adapter's initialisation or the Gumbel noise
     set_seed(cfg.seed)
     selection = make_selection(cfg)
-    encoded, truncation = encode(selection.train, loaded.tokenizer, cfg.max_input_tokens, cfg.max_target_tokens)
+    encoded, truncation = encode(
+        selection.train, loaded.tokenizer, cfg.max_input_tokens, cfg.max_target_tokens, cfg.chat_template
+    )
     task_index = selection.task_index
     model = build(cfg.method, loaded.model, cfg, len(selection.train_tasks))
     counts = count_parameters(model)
