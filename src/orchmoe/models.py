@@ -128,15 +128,36 @@ def default_model_path() -> Path:
     return target
 
 
-def load_model(name: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32, seed: int = 0) -> LoadedModel:
-    """Load a base model and its tokenizer: ``tiny-gemma3``, ``tiny-t5``, ``gemma3-270m`` or any HF id / path."""
-    if name in TINY_MODELS:
-        tokenizer = char_tokenizer()
-        return LoadedModel(tiny_model(name, vocab_size=len(tokenizer), seed=seed), tokenizer, name)
-    path = str(default_model_path()) if name == DEFAULT_MODEL else name
+def _from_pretrained(path: str, dtype: torch.dtype, quantization: str | None) -> PreTrainedModel:
     config = AutoConfig.from_pretrained(path)
     auto = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
-    model = auto.from_pretrained(path, dtype=dtype)
+    if quantization is None:
+        return auto.from_pretrained(path, dtype=dtype)
+    from transformers import BitsAndBytesConfig
+
+    options = {"4bit": {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4", "bnb_4bit_compute_dtype": dtype},
+               "8bit": {"load_in_8bit": True}}  # fmt: skip
+    return auto.from_pretrained(path, dtype=dtype, quantization_config=BitsAndBytesConfig(**options[quantization]))
+
+
+def load_model(
+    name: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32, seed: int = 0, quantization: str | None = None
+) -> LoadedModel:
+    """Load a base model and its tokenizer: ``tiny-gemma3``, ``tiny-t5``, ``gemma3-270m`` or any HF id / path;
+    ``quantization`` "4bit" (NF4) or "8bit" loads its linear layers through bitsandbytes."""
+    if name in TINY_MODELS:
+        tokenizer = char_tokenizer()
+        model = tiny_model(name, vocab_size=len(tokenizer), seed=seed)
+        if quantization is None:
+            return LoadedModel(model, tokenizer, name)
+        path = tempfile.mkdtemp(prefix=f"orchmoe-{name}-")  # bitsandbytes quantizes while loading a checkpoint
+        try:
+            model.save_pretrained(path)
+            return LoadedModel(_from_pretrained(path, dtype, quantization).eval(), tokenizer, name)
+        finally:
+            shutil.rmtree(path, ignore_errors=True)
+    path = str(default_model_path()) if name == DEFAULT_MODEL else name
+    model = _from_pretrained(path, dtype, quantization)
     tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token

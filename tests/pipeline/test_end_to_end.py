@@ -79,10 +79,19 @@ def test_existing_output_is_not_clobbered(tmp_path: Path, capsys) -> None:
     assert not (out / "precious.txt").exists()
 
 
-@pytest.mark.parametrize("method", ["orchmoe", "poly"])
-def test_resume_from_a_checkpoint_gives_the_uninterrupted_adapter(tmp_path: Path, method: str) -> None:
+@pytest.mark.parametrize(
+    ("method", "options"),
+    [
+        ("orchmoe", []),
+        ("poly", []),
+        ("orchmoe", ["--gradient-checkpointing"]),
+        ("orchmoe", ["--precision", "bf16"]),
+        ("orchmoe", ["--load-in-8bit", "--gradient-checkpointing"]),
+    ],
+)
+def test_resume_from_a_checkpoint_gives_the_uninterrupted_adapter(tmp_path: Path, method: str, options) -> None:
     args = [*TINY, "--method", method, "--epochs", "3", "--max-steps", "6", "--checkpoint-every", "3"]
-    args += ["--grad-accum", "2"]
+    args += ["--grad-accum", "2", *options]
     run("train", "--out", str(tmp_path / "a"), *args)
     run("train", "--out", str(tmp_path / "b"), *args)
     # simulate a run that died after its step-3 checkpoint: only the checkpoint survives

@@ -182,16 +182,16 @@ def test_router_collapse_is_detected_and_reported(tmp_path: Path, capsys, monkey
 def test_results_do_not_depend_on_what_model_loading_draws(tmp_path: Path, monkeypatch) -> None:
     """A first-time model conversion draws random numbers; the trained adapter must not change because of it."""
     run("train", "--out", str(tmp_path / "a"), *TINY, "--max-steps", "3", "--lr", "0.01")
-    from orchmoe.pipeline import trainer
+    from orchmoe import models
 
-    real = trainer.load_model
+    real = models.load_model
 
     def drawing_load_model(*args, **kwargs):
         loaded = real(*args, **kwargs)
         torch.rand(1000)  # as AutoModel.from_config's weight initialisation does
         return loaded
 
-    monkeypatch.setattr(trainer, "load_model", drawing_load_model)
+    monkeypatch.setattr(models, "load_model", drawing_load_model)
     run("train", "--out", str(tmp_path / "b"), *TINY, "--max-steps", "3", "--lr", "0.01")
     a, b = adapter(tmp_path / "a"), adapter(tmp_path / "b")
     assert all(torch.equal(a[k], b[k]) for k in a)

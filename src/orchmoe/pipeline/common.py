@@ -88,3 +88,22 @@ def model_inputs(batch: dict[str, Any], method: str, task_index: dict[str, int],
         ids = [task_index.get(t, unseen_row) for t in batch["task"]]
         kwargs["task_ids"] = torch.tensor(ids, device=batch["input_ids"].device)
     return kwargs
+
+
+def load_base(cfg: RunConfig, seed: int | None = None):
+    """The run's base model as training and evaluation both see it: quantized (``--load-in-4bit`` / ``-8bit``, then
+    prepared as peft's ``prepare_model_for_kbit_training`` does) and with ``--gradient-checkpointing``."""
+    from peft import prepare_model_for_kbit_training
+
+    from ..models import load_model
+
+    quantization = "4bit" if cfg.load_in_4bit else "8bit" if cfg.load_in_8bit else None
+    loaded = load_model(cfg.model, seed=cfg.seed if seed is None else seed, quantization=quantization)
+    checkpointing = {"use_reentrant": False}
+    if quantization is not None:
+        loaded.model = prepare_model_for_kbit_training(
+            loaded.model, cfg.gradient_checkpointing, gradient_checkpointing_kwargs=checkpointing
+        )
+    elif cfg.gradient_checkpointing:
+        loaded.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing)
+    return loaded

@@ -75,6 +75,12 @@ class RunConfig:
     router_mi_weight: float = field(default=0.1, metadata={"help": "OrchMoE router MI weight lambda."})
     uniform_task_router: bool = field(default=False, metadata={"help": "Ablation: fixed uniform task weights."})
     uniform_skill_router: bool = field(default=False, metadata={"help": "Ablation: fixed uniform allocation."})
+    precision: str = field(
+        default="fp32", metadata={"help": "fp32, bf16 or fp16 mixed precision (through accelerate; fp16 needs a GPU)."}
+    )
+    gradient_checkpointing: bool = field(default=False, metadata={"help": "Recompute activations in backward."})
+    load_in_4bit: bool = field(default=False, metadata={"help": "A 4-bit NF4 base (bitsandbytes), QLoRA-style."})
+    load_in_8bit: bool = field(default=False, metadata={"help": "An 8-bit base (bitsandbytes)."})
     checkpoint_every: int = field(default=0, metadata={"help": "Checkpoint every N optimizer steps (0 = never)."})
     log_every: int = field(default=5, metadata={"help": "Log every N optimizer steps."})
     nan_patience: int = field(default=5, metadata={"help": "Stop after this many consecutive non-finite losses."})
@@ -91,6 +97,10 @@ class RunConfig:
             raise ValueError(f"--schedule must be linear or constant, got {self.schedule!r}.")
         if self.lr <= 0:
             raise ValueError(f"--lr must be > 0, got {self.lr}.")
+        if self.precision not in ("fp32", "bf16", "fp16"):
+            raise ValueError(f"--precision must be fp32, bf16 or fp16, got {self.precision!r}.")
+        if self.load_in_4bit and self.load_in_8bit:
+            raise ValueError("--load-in-4bit and --load-in-8bit exclude each other.")
         if self.data is not None and self.data_dir is not None:
             raise ValueError("--data and --data-dir exclude each other: your own rows, or an SNI directory.")
         if not 0.0 <= self.eval_fraction < 1.0:

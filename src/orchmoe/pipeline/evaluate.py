@@ -15,9 +15,8 @@ from tqdm.auto import tqdm
 
 from .. import metrics
 from ..data import Collator, Example, encode
-from ..models import load_model
 from ..tuner.access import get_tuner
-from .common import make_selection, model_inputs, read_run_config, write_json
+from .common import load_base, make_selection, model_inputs, read_run_config, write_json
 from .config import RunConfig
 
 PREDICTIONS = "predictions.jsonl"
@@ -34,7 +33,7 @@ def load_trained(run: Path):
     adapter = run / "adapter"
     if not (adapter / "adapter_config.json").is_file():
         raise FileNotFoundError(f"{run}: no trained adapter in {adapter}; train first (or --resume the run).")
-    loaded = load_model(cfg.model, seed=cfg.seed)
+    loaded = load_base(cfg)
     try:
         model = PeftModel.from_pretrained(loaded.model, adapter).eval()
     except (ValueError, RuntimeError, KeyError) as err:

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator, DataLoaderConfiguration
+from accelerate.state import AcceleratorState
 from accelerate.utils import set_seed
 from peft import get_peft_model_state_dict, set_peft_model_state_dict
 from torch.utils.data import DataLoader, Sampler
@@ -29,11 +30,10 @@ from tqdm.auto import tqdm
 from transformers import get_constant_schedule_with_warmup, get_linear_schedule_with_warmup
 
 from ..data import IGNORE_INDEX, Collator, encode
-from ..models import load_model
 from ..training import RelaxationSchedule, set_relaxation
 from ..tuner.access import get_tuner
 from . import checkpoint
-from .common import CONFIG_FILE, make_selection, model_inputs, prepare_run_dir, resolve_data_dir, write_json
+from .common import CONFIG_FILE, load_base, make_selection, model_inputs, prepare_run_dir, resolve_data_dir, write_json
 from .config import RunConfig
 from .methods import build, count_parameters, optimizer_groups, set_unseen_task_row
 
@@ -113,12 +113,17 @@ def train(cfg: RunConfig, out: Path, resume: bool = False, overwrite: bool = Fal
     out = Path(out)
     if cfg.data is not None:  # a malformed row stops the run before anything in --out is touched
         make_selection(cfg)
+    precision = {"fp32": "no"}.get(cfg.precision, cfg.precision)
+    if AcceleratorState._shared_state and AcceleratorState().mixed_precision != precision:
+        # an earlier run in this process (quality.py, tests) fixed another precision; the process group is kept
+        AcceleratorState._reset_state(reset_partial_state=False)
     accelerator = Accelerator(
         cpu=not torch.accelerator.is_available(),  # data-parallel on CPUs (gloo) needs this said explicitly
         gradient_accumulation_steps=cfg.grad_accum,
         log_with=_trackers(),
         project_dir=str(out),
         dataloader_config=DataLoaderConfiguration(split_batches=True),
+        mixed_precision=precision,
     )
     main = accelerator.is_main_process
     if main:
@@ -133,7 +138,7 @@ def train(cfg: RunConfig, out: Path, resume: bool = False, overwrite: bool = Fal
     if main:
         write_json(out / CONFIG_FILE, cfg.to_dict())
 
-    loaded = load_model(cfg.model, seed=cfg.seed)
+    loaded = load_base(cfg)
     # seed after loading: whatever loading drew (a first-time model conversion initialises weights) must not move
     # the adapter's initialisation or the Gumbel noise
     set_seed(cfg.seed)
