@@ -17,10 +17,9 @@ from accelerate.utils import set_seed
 
 from orchmoe.data import Collator, encode
 from orchmoe.models import load_model
-from orchmoe.pipeline.common import make_selection, model_inputs, read_run_config
-from orchmoe.pipeline.methods import build, optimizer_groups
+from orchmoe.pipeline.common import make_selection, read_run_config
+from orchmoe.pipeline.methods import build, method_of, optimizer_groups
 from orchmoe.pipeline.trainer import batch_order, lm_loss, total_steps
-from orchmoe.tuner.access import get_tuner
 
 
 def main() -> None:
@@ -36,16 +35,17 @@ def main() -> None:
     encoded, _ = encode(selection.train, loaded.tokenizer, cfg.max_input_tokens, cfg.max_target_tokens)
     model = build(cfg.method, loaded.model, cfg, len(selection.train_tasks))
     model.train()
-    groups = optimizer_groups(model, cfg.lr, cfg.router_lr_multiplier, cfg.weight_decay, cfg.allocation_lr)
+    groups = optimizer_groups(model, cfg.learning_rate, cfg.router_lr_multiplier, cfg.weight_decay, cfg.allocation_lr)
     optimizer = torch.optim.AdamW(groups)
     collate = Collator(loaded.tokenizer.pad_token_id, loaded.is_encoder_decoder)
     order = batch_order(len(encoded), cfg.batch_size, total_steps(cfg, len(encoded)), cfg.seed)
     for step, indices in enumerate(order[: args.steps]):
         batch = collate([encoded[i] for i in indices])
-        kwargs = model_inputs(batch, cfg.method, selection.task_index, len(selection.task_index))
+        kwargs = method_of(cfg.method).model_inputs(batch, selection.task_index)
         loss_sum, n_tokens = lm_loss(model, batch, kwargs, loaded.is_encoder_decoder)
         loss = loss_sum / n_tokens
-        aux = get_tuner(model).router_aux_loss() if cfg.method == "orchmoe" else torch.zeros(())
+        routing = method_of(cfg.method).routing_log(model)
+        aux = torch.zeros(()) if routing is None else routing["aux"]
         (loss + aux).backward()
         norms = {
             g["name"]: torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in g["params"] if p.grad is not None]))

@@ -207,6 +207,7 @@ def main() -> None:
         model=args.model, data_dir=str(args.data_dir), n_test=args.n_test, epochs=args.epochs, lr=args.lr,
         max_input_tokens=args.max_input_tokens, max_target_tokens=args.max_target_tokens,
         max_new_tokens=args.max_new_tokens, n_unseen=args.n_unseen,
+        router_lr_multiplier=10.0,  # this protocol's setting (the harness default became 1, which it validated)
     )  # fmt: skip
     report: dict[str, Any] = {"config": dataclasses.asdict(base), "args": {k: str(v) for k, v in vars(args).items()}}
     markdown = []

@@ -27,9 +27,10 @@ COMMON = {"max_steps": 3, "per_device_train_batch_size": 4, "learning_rate": 1e-
           "report_to": [], "use_cpu": True, "logging_steps": 1}  # fmt: skip
 
 
-def orchmoe_model(init_weights: bool = False) -> torch.nn.Module:
+def orchmoe_model(init_weights: bool = False, router_lr_multiplier: float = 1.0) -> torch.nn.Module:
     config = OrchMoEConfig(n_abstract_tasks=3, n_skills=4, r=2, target_modules=["q_proj", "v_proj"],
-                           task_type="CAUSAL_LM", init_weights=init_weights)  # fmt: skip
+                           task_type="CAUSAL_LM", init_weights=init_weights,
+                           router_lr_multiplier=router_lr_multiplier)  # fmt: skip
     torch.manual_seed(0)
     return get_peft_model(tiny_model("tiny-gemma3", vocab_size=len(TOKENIZER), seed=0), config)
 
@@ -66,7 +67,7 @@ def test_trainer_routes_training_from_the_prompt(tmp_path: Path, trainer_cls: ty
 
 
 def test_orchmoe_trainer_gives_routers_their_learning_rate_and_anneals(tmp_path: Path) -> None:
-    model = orchmoe_model()
+    model = orchmoe_model(router_lr_multiplier=4.0)
     args = TrainingArguments(output_dir=str(tmp_path), **COMMON, weight_decay=0.1)
     collator = DataCollatorForSeq2Seq(TOKENIZER, label_pad_token_id=-100)
     trainer = orchmoe.OrchMoETrainer(model=model, args=args, train_dataset=tokenized(), data_collator=collator,
@@ -76,7 +77,7 @@ def test_orchmoe_trainer_gives_routers_their_learning_rate_and_anneals(tmp_path:
     routers = {id(p) for p in orchmoe.get_tuner(model).router_parameters()}
     router_groups = [g for g in groups if {id(p) for p in g["params"]} <= routers]
     assert len(router_groups) == 1 and {id(p) for p in router_groups[0]["params"]} == routers
-    assert router_groups[0]["initial_lr"] == pytest.approx(1e-2 * 10.0)  # router_lr_multiplier
+    assert router_groups[0]["initial_lr"] == pytest.approx(1e-2 * 4.0)  # router_lr_multiplier
     assert router_groups[0]["weight_decay"] == 0.0
     assert any(g["weight_decay"] == 0.1 for g in groups)
     config = model.peft_config["default"]

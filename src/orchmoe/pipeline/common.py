@@ -7,8 +7,6 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from ..data import Selection, select, write_suite
 from ..data.files import file_selection
 from .checkpoint import atomic_write_text
@@ -77,17 +75,6 @@ def read_run_config(run: Path) -> RunConfig:
     if not path.is_file():
         raise RunDirError(f"{run}: not a run directory (no {CONFIG_FILE}); train one with `orchmoe train`.")
     return RunConfig(**json.loads(path.read_text()))
-
-
-def model_inputs(batch: dict[str, Any], method: str, task_index: dict[str, int], unseen_row: int) -> dict[str, Any]:
-    """The keyword arguments a method's model gets: never the task names, except Poly/MHR's task ids."""
-    kwargs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
-    if method == "orchmoe" and "routing_mask" in batch:
-        kwargs["routing_mask"] = batch["routing_mask"]
-    if method in ("poly", "mhr"):
-        ids = [task_index.get(t, unseen_row) for t in batch["task"]]
-        kwargs["task_ids"] = torch.tensor(ids, device=batch["input_ids"].device)
-    return kwargs
 
 
 def load_base(cfg: RunConfig, seed: int | None = None):

@@ -14,7 +14,7 @@ from . import plots
 from .common import prepare_run_dir, resolve_data_dir, write_json
 from .config import RunConfig
 from .evaluate import METRICS, evaluate_run
-from .methods import ParamCounts, check_parity
+from .methods import METHOD_OBJECTS, ParamCounts, check_parity
 from .trainer import LOG_FILE, train
 
 
@@ -95,6 +95,13 @@ def _plots(out: Path, results: dict[str, Any]) -> list[str]:
     return figures
 
 
+def lr_text(cfg: RunConfig) -> str:
+    if cfg.lr is not None:
+        return f"{cfg.lr:g}"
+    validated = ", ".join(f"{name} {method.validated_lr:g}" for name, method in METHOD_OBJECTS.items())
+    return f"each method's validated one ({validated}; BENCHMARKS.md)"
+
+
 def _markdown(cfg: RunConfig, results: dict[str, Any], figures: list[str], seconds: float, out: Path) -> str:
     data = json.loads((out / next(iter(results)) / "data.json").read_text())
     lines = [
@@ -103,7 +110,7 @@ def _markdown(cfg: RunConfig, results: dict[str, Any], figures: list[str], secon
         f"Model `{cfg.model}`, data `{cfg.data_dir}` (split `{cfg.split}`), seed {cfg.seed}: "
         f"{len(data['train_tasks'])} training tasks x {cfg.n_train} instances, {cfg.n_test} test instances per task, "
         f"{len(data['unseen_tasks'])} unseen tasks. Batch {cfg.batch_size}, {cfg.epochs} epoch(s)"
-        f"{f', at most {cfg.max_steps} steps' if cfg.max_steps else ''}, lr {cfg.lr:g} "
+        f"{f', at most {cfg.max_steps} steps' if cfg.max_steps else ''}, lr {lr_text(cfg)} "
         f"(routers x{cfg.router_lr_multiplier:g}), {cfg.schedule} schedule, greedy decoding (<= {cfg.max_new_tokens} "
         "tokens). Scores: macro averages over tasks, 0-100.",
         "",

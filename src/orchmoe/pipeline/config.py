@@ -45,8 +45,17 @@ class RunConfig:
     eval_batch_size: int = field(default=16, metadata={"help": "Generation batch size."})
     epochs: float = field(default=1.0, metadata={"help": "Passes over the training data."})
     max_steps: int | None = field(default=None, metadata={"help": "Stop after this many optimizer steps."})
-    lr: float = field(default=1e-3, metadata={"help": "Learning rate of the adapters."})
-    router_lr_multiplier: float = field(default=10.0, metadata={"help": "Router learning rate / adapter lr."})
+    lr: float | None = field(
+        default=None,
+        metadata={
+            "help": "Learning rate of the adapters; default: the method's validated one (OrchMoE, LoRA, MHR 3e-3, "
+            "Poly 1e-2: BENCHMARKS.md, per-method learning rate on sni-10)."
+        },
+    )
+    router_lr_multiplier: float = field(
+        default=1.0,
+        metadata={"help": "Router learning rate / adapter lr (1: validated on sni-10 against 10, BENCHMARKS.md)."},
+    )
     allocation_lr: float | None = field(
         default=None,
         metadata={
@@ -95,7 +104,7 @@ class RunConfig:
             raise ValueError(f"--batch-size {self.batch_size} must be a multiple of --grad-accum {self.grad_accum}.")
         if self.schedule not in ("linear", "constant"):
             raise ValueError(f"--schedule must be linear or constant, got {self.schedule!r}.")
-        if self.lr <= 0:
+        if self.lr is not None and self.lr <= 0:
             raise ValueError(f"--lr must be > 0, got {self.lr}.")
         if self.precision not in ("fp32", "bf16", "fp16"):
             raise ValueError(f"--precision must be fp32, bf16 or fp16, got {self.precision!r}.")
@@ -109,6 +118,13 @@ class RunConfig:
             raise ValueError(f"--noise-scale-end must be >= 0 (or unset), got {self.noise_scale_end}.")
         if self.allocation_lr is not None and self.allocation_lr <= 0:
             raise ValueError(f"--allocation-lr must be > 0 (or unset), got {self.allocation_lr}.")
+
+    @property
+    def learning_rate(self) -> float:
+        """``lr``, or the method's validated learning rate."""
+        from .methods import method_of
+
+        return self.lr if self.lr is not None else method_of(self.method).validated_lr
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

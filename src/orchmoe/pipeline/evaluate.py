@@ -15,9 +15,9 @@ from tqdm.auto import tqdm
 
 from .. import metrics
 from ..data import Collator, Example, encode
-from ..tuner.access import get_tuner
-from .common import load_base, make_selection, model_inputs, read_run_config, write_json
+from .common import load_base, make_selection, read_run_config, write_json
 from .config import RunConfig
+from .methods import method_of
 
 PREDICTIONS = "predictions.jsonl"
 METRICS = "metrics.json"
@@ -62,7 +62,7 @@ def generate(
     loader = DataLoader(encoded, batch_size=batch_size, collate_fn=collate)
     rows, weights = [], []
     for batch in tqdm(loader, desc=desc, disable=not progress, unit="batch"):
-        kwargs = model_inputs(batch, method, task_index, len(task_index))
+        kwargs = method_of(method).model_inputs(batch, task_index)
         out = model.generate(
             **kwargs,
             max_new_tokens=max_new_tokens,
@@ -72,8 +72,9 @@ def generate(
             pad_token_id=tokenizer.pad_token_id,
             eos_token_id=tokenizer.eos_token_id,
         )
-        if method == "orchmoe":  # the routing generate() used (eval mode: deterministic, the same prompts)
-            weights.append(get_tuner(model).routing(**kwargs).task_weights.float().cpu().numpy())
+        routed = method_of(method).routing_weights(model, kwargs)  # what generate() used: eval mode, same prompts
+        if routed is not None:
+            weights.append(routed.float().cpu().numpy())
         new = out if loaded.is_encoder_decoder else out[:, batch["input_ids"].shape[1] :]
         texts = tokenizer.batch_decode(new, skip_special_tokens=True)
         for task, index, text in zip(batch["task"], batch["index"], texts, strict=True):

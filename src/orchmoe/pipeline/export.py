@@ -23,8 +23,9 @@ from torch import nn
 from ..models import load_model
 from ..tuner import OrchMoEConfig
 from ..tuner.access import get_tuner
-from .common import CONFIG_FILE, make_selection, model_inputs
+from .common import CONFIG_FILE, make_selection
 from .evaluate import load_trained
+from .methods import method_of
 
 
 def lora_from_routing(model: PeftModel, task_weights: torch.Tensor) -> tuple[LoraConfig, dict[str, torch.Tensor]]:
@@ -135,7 +136,7 @@ def task_routing(cfg, loaded, model: PeftModel, task: str | None) -> torch.Tenso
 
     encoded, _ = encode(examples, loaded.tokenizer, cfg.max_input_tokens, 1, cfg.chat_template)
     batch = Collator(loaded.tokenizer.pad_token_id, loaded.is_encoder_decoder, generation=True)(encoded)
-    return get_tuner(model).routing(**model_inputs(batch, "orchmoe", {}, 0)).task_weights.mean(dim=0, keepdim=True)
+    return method_of("orchmoe").routing_weights(model, method_of("orchmoe").model_inputs(batch, {})).mean(0, True)
 
 
 def load_adapter_dir(path: Path, model_name: str | None):

@@ -8,12 +8,14 @@ set to the average of the trained rows to evaluate tasks never seen in training 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from peft import LoraConfig, PeftModel, PolyConfig, get_peft_model
 from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 from torch import nn
 
+from ..training import RelaxationSchedule, set_relaxation
 from ..tuner import OrchMoEConfig
 from ..tuner.access import get_tuner
 from ..tuner.router import SkillRouter
@@ -31,39 +33,123 @@ def target_modules(model: nn.Module, cfg: RunConfig) -> list[str]:
     return list(TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING[model_type])
 
 
+class Method:
+    """What one method does differently in the harness; everything else is shared. One instance per method."""
+
+    name: str
+    # the learning rate its validation split chose on sni-10 (BENCHMARKS.md, "The learning-rate grid extended to
+    # 1e-2": grid {1e-3, 3e-3, 1e-2}, validation ROUGE-L of the training tasks, Gemma 3 270M)
+    validated_lr: float
+
+    def peft_config(self, targets: list[str], task_type: str, cfg: RunConfig, n_train_tasks: int):
+        raise NotImplementedError
+
+    def after_build(self, model: PeftModel, cfg: RunConfig) -> None:
+        """Changes to a freshly built model (before any training step or checkpoint restore)."""
+
+    def model_inputs(self, batch: dict[str, Any], task_index: dict[str, int]) -> dict[str, Any]:
+        """The keyword arguments its model gets: never the task names."""
+        return {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
+
+    def step_begin(self, model: nn.Module, cfg: RunConfig, progress: float) -> None:
+        """Before the optimizer step at ``progress`` in [0, 1] of training."""
+
+    def routing_log(self, model: nn.Module) -> dict[str, torch.Tensor] | None:
+        """Routing statistics of the forward just run (before its backward), for the training log."""
+        return None
+
+    def finish(self, model: PeftModel, n_train_tasks: int) -> None:
+        """After the last step, before saving."""
+
+    def routing_weights(self, model: PeftModel, kwargs: dict[str, Any]) -> torch.Tensor | None:
+        """Abstract-task weights (B, T) of a batch of prompts, for the routing analysis; None: no routing."""
+        return None
+
+
+class LoRA(Method):
+    name, validated_lr = "lora", 3e-3
+
+    def peft_config(self, targets: list[str], task_type: str, cfg: RunConfig, n_train_tasks: int):
+        return LoraConfig(r=cfg.n_skills * cfg.rank, lora_alpha=cfg.lora_alpha, target_modules=targets,
+                          task_type=task_type)  # fmt: skip
+
+
+class Poly(Method):
+    """peft's Poly (one head) or MHR (``n_splits`` heads): routed by the true task id; unseen tasks get an extra
+    row, set to the average of the trained rows after training (as microsoft/mttl does)."""
+
+    def __init__(self, name: str, validated_lr: float, multi_head: bool) -> None:
+        self.name, self.validated_lr, self.multi_head = name, validated_lr, multi_head
+
+    def peft_config(self, targets: list[str], task_type: str, cfg: RunConfig, n_train_tasks: int):
+        return PolyConfig(r=cfg.rank, n_skills=cfg.n_skills, n_splits=cfg.n_splits if self.multi_head else 1,
+                          n_tasks=n_train_tasks + 1, target_modules=targets, task_type=task_type)  # fmt: skip
+
+    def model_inputs(self, batch: dict[str, Any], task_index: dict[str, int]) -> dict[str, Any]:
+        kwargs = super().model_inputs(batch, task_index)
+        ids = [task_index.get(t, len(task_index)) for t in batch["task"]]  # unseen: the extra row
+        kwargs["task_ids"] = torch.tensor(ids, device=batch["input_ids"].device)
+        return kwargs
+
+    def finish(self, model: PeftModel, n_train_tasks: int) -> None:
+        set_unseen_task_row(model, n_train_tasks)
+
+
+class OrchMoE(Method):
+    name, validated_lr = "orchmoe", 3e-3  # with the routers at 1x (BENCHMARKS.md, `orchmoe-router1`)
+
+    def peft_config(self, targets: list[str], task_type: str, cfg: RunConfig, n_train_tasks: int):
+        return OrchMoEConfig(
+            r=cfg.rank, n_skills=cfg.n_skills, n_abstract_tasks=cfg.n_abstract_tasks, lora_alpha=cfg.lora_alpha,
+            target_modules=targets, task_type=task_type, temperature=cfg.temperature,
+            router_mi_weight=cfg.router_mi_weight, router_lr_multiplier=cfg.router_lr_multiplier,
+        )  # fmt: skip
+
+    def after_build(self, model: PeftModel, cfg: RunConfig) -> None:
+        apply_ablations(model, cfg)
+
+    def model_inputs(self, batch: dict[str, Any], task_index: dict[str, int]) -> dict[str, Any]:
+        kwargs = super().model_inputs(batch, task_index)
+        if "routing_mask" in batch:
+            kwargs["routing_mask"] = batch["routing_mask"]
+        return kwargs
+
+    def step_begin(self, model: nn.Module, cfg: RunConfig, progress: float) -> None:
+        schedule = RelaxationSchedule(cfg.temperature_end, cfg.noise_scale_end)
+        if schedule.active:
+            set_relaxation(model, **schedule.at(cfg.temperature, progress))
+
+    def routing_log(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        tuner = get_tuner(model)
+        state = tuner.routing_state
+        return {
+            "aux": tuner.router_aux_loss(),
+            "assignment": state.task_weights.detach().argmax(-1).cpu(),
+            "entropy_per_example": state.entropy_per_example,
+            "entropy_marginal": state.entropy_marginal,
+        }
+
+    def routing_weights(self, model: PeftModel, kwargs: dict[str, Any]) -> torch.Tensor:
+        return get_tuner(model).routing(**kwargs).task_weights
+
+
+METHOD_OBJECTS: dict[str, Method] = {
+    m.name: m for m in (OrchMoE(), LoRA(), Poly("poly", 1e-2, multi_head=False), Poly("mhr", 3e-3, multi_head=True))
+}
+
+
+def method_of(name: str) -> Method:
+    return METHOD_OBJECTS[name]
+
+
 def peft_config(method: str, model: nn.Module, cfg: RunConfig, n_train_tasks: int):
     task_type = "SEQ_2_SEQ_LM" if model.config.is_encoder_decoder else "CAUSAL_LM"
-    targets = target_modules(model, cfg)
-    if method == "lora":
-        return LoraConfig(
-            r=cfg.n_skills * cfg.rank, lora_alpha=cfg.lora_alpha, target_modules=targets, task_type=task_type
-        )
-    if method in ("poly", "mhr"):
-        return PolyConfig(
-            r=cfg.rank,
-            n_skills=cfg.n_skills,
-            n_splits=1 if method == "poly" else cfg.n_splits,
-            n_tasks=n_train_tasks + 1,  # + the row for unseen tasks
-            target_modules=targets,
-            task_type=task_type,
-        )
-    return OrchMoEConfig(
-        r=cfg.rank,
-        n_skills=cfg.n_skills,
-        n_abstract_tasks=cfg.n_abstract_tasks,
-        lora_alpha=cfg.lora_alpha,
-        target_modules=targets,
-        task_type=task_type,
-        temperature=cfg.temperature,
-        router_mi_weight=cfg.router_mi_weight,
-        router_lr_multiplier=cfg.router_lr_multiplier,
-    )
+    return method_of(method).peft_config(target_modules(model, cfg), task_type, cfg, n_train_tasks)
 
 
 def build(method: str, base: nn.Module, cfg: RunConfig, n_train_tasks: int) -> PeftModel:
     model = get_peft_model(base, peft_config(method, base, cfg, n_train_tasks))
-    if method == "orchmoe":
-        apply_ablations(model, cfg)
+    method_of(method).after_build(model, cfg)
     return model
 
 

@@ -15,7 +15,7 @@ import random
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,12 +30,11 @@ from tqdm.auto import tqdm
 from transformers import get_constant_schedule_with_warmup, get_linear_schedule_with_warmup
 
 from ..data import IGNORE_INDEX, Collator, encode
-from ..training import RelaxationSchedule, set_relaxation
-from ..tuner.access import get_tuner
+from ..training import RelaxationSchedule
 from . import checkpoint
-from .common import CONFIG_FILE, load_base, make_selection, model_inputs, prepare_run_dir, resolve_data_dir, write_json
+from .common import CONFIG_FILE, load_base, make_selection, prepare_run_dir, resolve_data_dir, write_json
 from .config import RunConfig
-from .methods import build, count_parameters, optimizer_groups, set_unseen_task_row
+from .methods import Method, build, count_parameters, method_of, optimizer_groups
 
 LOG_FILE = "train_log.jsonl"
 
@@ -110,14 +109,65 @@ def _trackers() -> list[str]:
 
 def train(cfg: RunConfig, out: Path, resume: bool = False, overwrite: bool = False, progress: bool = True):
     """Train ``cfg.method`` and save the adapter in ``out/adapter``; returns a :class:`TrainResult`."""
-    out = Path(out)
-    if cfg.data is not None:  # a malformed row stops the run before anything in --out is touched
-        make_selection(cfg)
+    run = setup(cfg, Path(out), resume, overwrite)
+    restore(run, resume)
+    prepare(run)
+    bar = tqdm(total=run.steps, initial=run.start, desc=f"train {cfg.method}", unit="step",
+               disable=not (progress and run.main))  # fmt: skip
+    began, bad_streak, step = time.time(), 0, run.start
+    for step in range(run.start + 1, run.steps + 1):
+        skipped = train_step(run, step)
+        bad_streak = bad_streak + 1 if skipped else 0
+        bar.update(1)
+        if skipped or step % cfg.log_every == 0 or step == run.steps:
+            entry = log_step(run, step, skipped, began)
+            bar.set_postfix(loss=f"{entry.get('loss', float('nan')):.3f}")
+        if bad_streak >= cfg.nan_patience:  # after the skipped step is logged
+            raise TrainingDiverged(
+                f"Loss was NaN/inf for {bad_streak} consecutive steps (up to step {step}); lower --lr."
+            )
+        if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < run.steps:
+            save_checkpoint(run, step)
+    bar.close()
+    finish(run)
+    return TrainResult(steps=step, seconds=time.time() - began, log=run.log)
+
+
+@dataclass
+class Run:
+    """The state of one training run, shared by its steps."""
+
+    cfg: RunConfig
+    out: Path
+    method: Method
+    accelerator: Accelerator
+    loaded: Any
+    selection: Any
+    encoded: list
+    model: Any
+    optimizer: Any
+    scheduler: Any
+    steps: int
+    start: int = 0
+    log: list[dict[str, Any]] = field(default_factory=list)
+    window: list[tuple[float, float]] = field(default_factory=list)  # losses since the last log entry
+    assignments: list[torch.Tensor] = field(default_factory=list)  # argmax abstract tasks since the last entry
+    routing: dict[str, torch.Tensor] | None = None  # routing statistics of the last forward
+    rng: Any = None  # the checkpoint's random state, restored after prepare()
+    loader: Any = None
+    unwrapped: Any = None
+
+    @property
+    def main(self) -> bool:
+        return self.accelerator.is_main_process
+
+
+def accelerator_for(cfg: RunConfig, out: Path) -> Accelerator:
     precision = {"fp32": "no"}.get(cfg.precision, cfg.precision)
     if AcceleratorState._shared_state and AcceleratorState().mixed_precision != precision:
         # an earlier run in this process (quality.py, tests) fixed another precision; the process group is kept
         AcceleratorState._reset_state(reset_partial_state=False)
-    accelerator = Accelerator(
+    return Accelerator(
         cpu=not torch.accelerator.is_available(),  # data-parallel on CPUs (gloo) needs this said explicitly
         gradient_accumulation_steps=cfg.grad_accum,
         log_with=_trackers(),
@@ -125,8 +175,14 @@ def train(cfg: RunConfig, out: Path, resume: bool = False, overwrite: bool = Fal
         dataloader_config=DataLoaderConfiguration(split_batches=True),
         mixed_precision=precision,
     )
-    main = accelerator.is_main_process
-    if main:
+
+
+def setup(cfg: RunConfig, out: Path, resume: bool, overwrite: bool) -> Run:
+    """The run directory, its recorded settings, the data, the model, the optimizer and its schedule."""
+    if cfg.data is not None:  # a malformed row stops the run before anything in --out is touched
+        make_selection(cfg)
+    accelerator = accelerator_for(cfg, out)
+    if accelerator.is_main_process:
         prepare_run_dir(out, overwrite=overwrite, resume=resume)
     accelerator.wait_for_everyone()
     cfg = resolve_data_dir(cfg, out)
@@ -135,9 +191,8 @@ def train(cfg: RunConfig, out: Path, resume: bool = False, overwrite: bool = Fal
         if saved != cfg.to_dict():
             changed = sorted(k for k in saved if saved[k] != cfg.to_dict().get(k))
             raise ValueError(f"--resume with other settings than the run in {out}: {', '.join(changed)} differ.")
-    if main:
+    if accelerator.is_main_process:
         write_json(out / CONFIG_FILE, cfg.to_dict())
-
     loaded = load_base(cfg)
     # seed after loading: whatever loading drew (a first-time model conversion initialises weights) must not move
     # the adapter's initialisation or the Gumbel noise
@@ -146,164 +201,164 @@ def train(cfg: RunConfig, out: Path, resume: bool = False, overwrite: bool = Fal
     encoded, truncation = encode(
         selection.train, loaded.tokenizer, cfg.max_input_tokens, cfg.max_target_tokens, cfg.chat_template
     )
-    task_index = selection.task_index
     model = build(cfg.method, loaded.model, cfg, len(selection.train_tasks))
-    counts = count_parameters(model)
     model.train()
     if not loaded.is_encoder_decoder and "logits_to_keep" not in inspect.signature(loaded.model.forward).parameters:
         raise ValueError(f"{type(loaded.model).__name__} has no `logits_to_keep`; use a recent transformers model.")
-
     steps = total_steps(cfg, len(encoded))
+    lr = cfg.learning_rate
     optimizer = torch.optim.AdamW(
-        optimizer_groups(model, cfg.lr, cfg.router_lr_multiplier, cfg.weight_decay, cfg.allocation_lr)
+        optimizer_groups(model, lr, cfg.router_lr_multiplier, cfg.weight_decay, cfg.allocation_lr)
     )
     warmup = int(cfg.warmup_ratio * steps)
     if cfg.schedule == "linear":
         scheduler = get_linear_schedule_with_warmup(optimizer, warmup, steps)
     else:
         scheduler = get_constant_schedule_with_warmup(optimizer, warmup)
-
-    start, log, pending = 0, [], {"window": [], "assignments": []}
-    ckpt_root = out / "checkpoints"
-    found = checkpoint.latest(ckpt_root) if resume else None
-    if found is not None:
-        state = checkpoint.load(found)
-        set_peft_model_state_dict(model, state["adapter"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        start = state["step"]
-        log = [e for e in state["log"] if e["step"] <= start]
-        pending = state["pending"]
-
-    micro = cfg.batch_size // cfg.grad_accum
-    batches = [
-        b[i * micro : (i + 1) * micro]
-        for b in batch_order(len(encoded), cfg.batch_size, steps, cfg.seed)[start:]
-        for i in range(cfg.grad_accum)
-    ]
-    collate = Collator(loaded.tokenizer.pad_token_id, loaded.is_encoder_decoder)
-    # its own generator: iterating must not draw from the global RNG that the Gumbel noise uses
-    generator = torch.Generator().manual_seed(cfg.seed)
-    loader = DataLoader(encoded, batch_sampler=FixedBatches(batches, micro), collate_fn=collate, generator=generator)
-    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
-    unwrapped = accelerator.unwrap_model(model)
-    log_path = out / LOG_FILE
-    if main:
-        log_path.write_text("".join(json.dumps(e) + "\n" for e in log))  # on resume: up to the checkpoint
-        accelerator.init_trackers("tensorboard", config={k: str(v) for k, v in cfg.to_dict().items()})
+    if accelerator.is_main_process:
         summary = {
             "train_tasks": selection.train_tasks,
             "unseen_tasks": selection.unseen_tasks,
             "train_examples": len(encoded),
             "missing_from_split": selection.missing_from_split,
             "truncation": truncation.as_dict(),
-            "parameters": counts.__dict__,
+            "parameters": count_parameters(model).__dict__,
+            "learning_rate": lr,
         }
         write_json(out / "data.json", summary)
-
-    if found is not None:
-        checkpoint.set_rng_state(state["rng"])  # after prepare(), right where the uninterrupted run stood
-    bar = tqdm(total=steps, initial=start, desc=f"train {cfg.method}", disable=not (progress and main), unit="step")
-    began, bad_streak, step = time.time(), 0, start
-    window: list[tuple[float, float]] = pending["window"]  # losses since the last log entry
-    assignments: list[torch.Tensor] = pending["assignments"]
-    iterator = iter(loader)
-    entropies: tuple[torch.Tensor, torch.Tensor] | None = None  # of the last OrchMoE forward
-    for step in range(start + 1, steps + 1):
-        if cfg.method == "orchmoe" and (cfg.temperature_end is not None or cfg.noise_scale_end is not None):
-            set_relaxation(unwrapped, **relaxation_at(cfg, (step - 1) / max(1, steps - 1)))
-        skipped = False
-        for k in range(cfg.grad_accum):
-            batch = next(iterator)
-            sync = k == cfg.grad_accum - 1
-            with nullcontext() if sync else accelerator.no_sync(model):
-                kwargs = model_inputs(batch, cfg.method, task_index, len(task_index))
-                loss_sum, n_tokens = lm_loss(model, batch, kwargs, loaded.is_encoder_decoder)
-                # mean over the target tokens of the whole global micro-batch: data-parallel gradients (averaged
-                # over processes) then equal single-process ones
-                global_tokens = accelerator.reduce(n_tokens.to(accelerator.device), "sum").clamp(min=1)
-                loss = loss_sum * accelerator.num_processes / global_tokens
-                aux = torch.zeros(())
-                if cfg.method == "orchmoe":
-                    tuner = get_tuner(unwrapped)
-                    aux = tuner.router_aux_loss()
-                    state = tuner.routing_state  # of this forward (its graph is alive until backward)
-                    entropies = (state.entropy_per_example, state.entropy_marginal)
-                    assignments.append(state.task_weights.detach().argmax(-1).cpu())
-                total = loss + aux
-                finite = torch.isfinite(total.detach()).float()
-                if accelerator.reduce(finite.to(accelerator.device), "sum").item() < accelerator.num_processes:
-                    skipped = True  # every process skips together
-                    continue
-                accelerator.backward(total / cfg.grad_accum)
-            window.append((accelerator.reduce(loss.detach(), "mean").item(), aux.item()))
-        if skipped:
-            bad_streak += 1
-            optimizer.zero_grad()
-        else:
-            bad_streak = 0
-            if cfg.max_grad_norm > 0:
-                accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-            optimizer.step()
-            optimizer.zero_grad()
-        scheduler.step()
-        bar.update(1)
-        if skipped or step % cfg.log_every == 0 or step == steps:
-            entry = _log_entry(step, window, skipped, scheduler, began, cfg, assignments, entropies)
-            log.append(entry)
-            window, assignments = [], []
-            bar.set_postfix(loss=f"{entry.get('loss', float('nan')):.3f}")
-            if main:
-                accelerator.log({k: v for k, v in entry.items() if isinstance(v, (int, float))}, step=step)
-                with log_path.open("a") as f:
-                    f.write(json.dumps(entry) + "\n")
-                if entry.get("router_collapsed") and not any(e.get("router_collapsed") for e in log[:-1]):
-                    warning = f"warning: step {step}: the Task Router sends every example to one abstract task"
-                    tqdm.write(warning, file=sys.stderr)
-        if bad_streak >= cfg.nan_patience:  # after the skipped step is logged
-            raise TrainingDiverged(
-                f"Loss was NaN/inf for {bad_streak} consecutive steps (up to step {step}); lower --lr."
-            )
-        if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < steps:
-            accelerator.wait_for_everyone()
-            if main:
-                pending = {"window": window, "assignments": assignments}
-                checkpoint.save(ckpt_root, step, _state(unwrapped, optimizer, scheduler, step, log, pending))
-    bar.close()
-    accelerator.wait_for_everyone()
-    if main:
-        if cfg.method in ("poly", "mhr"):
-            set_unseen_task_row(unwrapped, len(task_index))
-        unwrapped.save_pretrained(out / "adapter")
-    accelerator.end_training()
-    return TrainResult(steps=step, seconds=time.time() - began, log=log)
+    return Run(cfg, out, method_of(cfg.method), accelerator, loaded, selection, encoded, model, optimizer,
+               scheduler, steps)  # fmt: skip
 
 
-def _state(model, optimizer, scheduler, step: int, log: list[dict[str, Any]], pending: dict) -> dict[str, Any]:
-    return {
+def restore(run: Run, resume: bool) -> None:
+    """With ``resume``, the last complete checkpoint: adapter, optimizer, schedule, log and pending statistics."""
+    found = checkpoint.latest(run.out / "checkpoints") if resume else None
+    if found is None:
+        return
+    state = checkpoint.load(found)
+    set_peft_model_state_dict(run.model, state["adapter"])
+    run.optimizer.load_state_dict(state["optimizer"])
+    run.scheduler.load_state_dict(state["scheduler"])
+    run.start = state["step"]
+    run.log = [e for e in state["log"] if e["step"] <= run.start]
+    run.window, run.assignments = state["pending"]["window"], state["pending"]["assignments"]
+    run.rng = state["rng"]
+
+
+def prepare(run: Run) -> None:
+    """The remaining batches in their fixed order, everything handed to accelerate, the log and trackers opened."""
+    cfg = run.cfg
+    micro = cfg.batch_size // cfg.grad_accum
+    batches = [
+        b[i * micro : (i + 1) * micro]
+        for b in batch_order(len(run.encoded), cfg.batch_size, run.steps, cfg.seed)[run.start :]
+        for i in range(cfg.grad_accum)
+    ]
+    collate = Collator(run.loaded.tokenizer.pad_token_id, run.loaded.is_encoder_decoder)
+    # its own generator: iterating must not draw from the global RNG that the Gumbel noise uses
+    generator = torch.Generator().manual_seed(cfg.seed)
+    loader = DataLoader(
+        run.encoded, batch_sampler=FixedBatches(batches, micro), collate_fn=collate, generator=generator
+    )
+    run.model, run.optimizer, loader = run.accelerator.prepare(run.model, run.optimizer, loader)
+    run.loader = iter(loader)
+    run.unwrapped = run.accelerator.unwrap_model(run.model)
+    if run.main:
+        (run.out / LOG_FILE).write_text("".join(json.dumps(e) + "\n" for e in run.log))  # on resume: up to it
+        run.accelerator.init_trackers("tensorboard", config={k: str(v) for k, v in cfg.to_dict().items()})
+    if run.rng is not None:
+        checkpoint.set_rng_state(run.rng)  # after prepare(), right where the uninterrupted run stood
+
+
+def train_step(run: Run, step: int) -> bool:
+    """One optimizer step over ``grad_accum`` micro-batches; True when it was skipped (a non-finite loss)."""
+    cfg, accelerator, model = run.cfg, run.accelerator, run.model
+    run.method.step_begin(run.unwrapped, cfg, (step - 1) / max(1, run.steps - 1))
+    skipped = False
+    for k in range(cfg.grad_accum):
+        batch = next(run.loader)
+        with nullcontext() if k == cfg.grad_accum - 1 else accelerator.no_sync(model):
+            kwargs = run.method.model_inputs(batch, run.selection.task_index)
+            loss_sum, n_tokens = lm_loss(model, batch, kwargs, run.loaded.is_encoder_decoder)
+            # mean over the target tokens of the whole global micro-batch: data-parallel gradients (averaged over
+            # processes) then equal single-process ones
+            global_tokens = accelerator.reduce(n_tokens.to(accelerator.device), "sum").clamp(min=1)
+            loss = loss_sum * accelerator.num_processes / global_tokens
+            routing = run.method.routing_log(run.unwrapped)  # of this forward (its graph is alive until backward)
+            aux = torch.zeros(()) if routing is None else routing["aux"]
+            if routing is not None:
+                run.routing = routing
+                run.assignments.append(routing["assignment"])
+            total = loss + aux
+            finite = torch.isfinite(total.detach()).float()
+            if accelerator.reduce(finite.to(accelerator.device), "sum").item() < accelerator.num_processes:
+                skipped = True  # every process skips together
+                continue
+            accelerator.backward(total / cfg.grad_accum)
+        run.window.append((accelerator.reduce(loss.detach(), "mean").item(), aux.item()))
+    if skipped:
+        run.optimizer.zero_grad()
+    else:
+        if cfg.max_grad_norm > 0:
+            accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+        run.optimizer.step()
+        run.optimizer.zero_grad()
+    run.scheduler.step()
+    return skipped
+
+
+def log_step(run: Run, step: int, skipped: bool, began: float) -> dict[str, Any]:
+    """One entry of the training log (losses since the last entry, routing statistics), written and tracked."""
+    cfg = run.cfg
+    entry: dict[str, Any] = {
         "step": step,
-        "adapter": get_peft_model_state_dict(model),
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
-        "rng": checkpoint.rng_state(),
-        "log": log,
-        "pending": pending,
+        "lr": run.scheduler.get_last_lr()[0],
+        "seconds": round(time.time() - began, 2),
     }
-
-
-def _log_entry(step, window, skipped, scheduler, began, cfg, assignments, entropies) -> dict[str, Any]:
-    entry: dict[str, Any] = {"step": step, "lr": scheduler.get_last_lr()[0], "seconds": round(time.time() - began, 2)}
-    if window:
-        entry["loss"] = sum(w[0] for w in window) / len(window)
-        entry["router_loss"] = sum(w[1] for w in window) / len(window)
+    if run.window:
+        entry["loss"] = sum(w[0] for w in run.window) / len(run.window)
+        entry["router_loss"] = sum(w[1] for w in run.window) / len(run.window)
     if skipped:
         entry["skipped_nonfinite"] = True
-    if cfg.method == "orchmoe":
-        if entropies is not None:
-            entry["entropy_per_example"] = entropies[0].item()  # of the last forward
-            entry["entropy_marginal"] = entropies[1].item()
-        if assignments and not cfg.uniform_task_router and cfg.n_abstract_tasks > 1:
-            used = torch.cat(assignments).unique().numel()
-            entry["abstract_tasks_used"] = used
-            entry["router_collapsed"] = used == 1
+    if run.routing is not None:
+        entry["entropy_per_example"] = run.routing["entropy_per_example"].item()  # of the last forward
+        entry["entropy_marginal"] = run.routing["entropy_marginal"].item()
+    if run.assignments and not cfg.uniform_task_router and cfg.n_abstract_tasks > 1:
+        used = torch.cat(run.assignments).unique().numel()
+        entry["abstract_tasks_used"] = used
+        entry["router_collapsed"] = used == 1
+    run.log.append(entry)
+    run.window, run.assignments = [], []
+    if run.main:
+        run.accelerator.log({k: v for k, v in entry.items() if isinstance(v, (int, float))}, step=step)
+        with (run.out / LOG_FILE).open("a") as f:
+            f.write(json.dumps(entry) + "\n")
+        if entry.get("router_collapsed") and not any(e.get("router_collapsed") for e in run.log[:-1]):
+            warning = f"warning: step {step}: the Task Router sends every example to one abstract task"
+            tqdm.write(warning, file=sys.stderr)
     return entry
+
+
+def save_checkpoint(run: Run, step: int) -> None:
+    run.accelerator.wait_for_everyone()
+    if run.main:
+        pending = {"window": run.window, "assignments": run.assignments}
+        state = {
+            "step": step,
+            "adapter": get_peft_model_state_dict(run.unwrapped),
+            "optimizer": run.optimizer.state_dict(),
+            "scheduler": run.scheduler.state_dict(),
+            "rng": checkpoint.rng_state(),
+            "log": run.log,
+            "pending": pending,
+        }
+        checkpoint.save(run.out / "checkpoints", step, state)
+
+
+def finish(run: Run) -> None:
+    """The method's last touch (Poly/MHR: the unseen-task row), then the adapter saved by the main process."""
+    run.accelerator.wait_for_everyone()
+    if run.main:
+        run.method.finish(run.unwrapped, len(run.selection.task_index))
+        run.unwrapped.save_pretrained(run.out / "adapter")
+    run.accelerator.end_training()

@@ -87,8 +87,12 @@ class OrchMoEConfig(PeftConfig):
         },
     )
     router_lr_multiplier: float = field(
-        default=10.0,
-        metadata={"help": "Learning rate of router parameters (W_task, allocation logits) relative to the skills'."},
+        default=1.0,
+        metadata={
+            "help": "Learning rate of router parameters (W_task, b, allocation logits Z) relative to the skills', "
+            "applied by orchmoe.OrchMoETrainer and the harness. 1 scored 4 ROUGE-L points above 10 on seen SNI tasks "
+            "at the same unseen score (sni-10, 3 seeds, each at its validated learning rate)."
+        },
     )
 
     @classmethod
