@@ -201,6 +201,7 @@ def main() -> None:
     parser.add_argument("--max-input-tokens", type=int, default=192)
     parser.add_argument("--max-target-tokens", type=int, default=24)
     parser.add_argument("--max-new-tokens", type=int, default=24)
+    parser.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32")
     args = parser.parse_args()
 
     base = RunConfig(
@@ -208,6 +209,7 @@ def main() -> None:
         max_input_tokens=args.max_input_tokens, max_target_tokens=args.max_target_tokens,
         max_new_tokens=args.max_new_tokens, n_unseen=args.n_unseen,
         router_lr_multiplier=10.0,  # this protocol's setting (the harness default became 1, which it validated)
+        precision=args.precision,
     )  # fmt: skip
     report: dict[str, Any] = {"config": dataclasses.asdict(base), "args": {k: str(v) for k, v in vars(args).items()}}
     markdown = []

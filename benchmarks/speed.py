@@ -122,9 +122,27 @@ class Bench:
                             min_new_tokens=new_tokens, do_sample=False, use_cache=True, pad_token_id=0)  # fmt: skip
 
 
-def build_all(model_name: str, cfg: RunConfig, methods: tuple[str, ...], device: torch.device, batch, target: int):
-    loaded = load_model(model_name)
-    base = loaded.model.to(device)
+CONFIGS = Path(__file__).resolve().parent / "configs"  # architectures for --random-weights (no checkpoint needed)
+
+
+def load_base(model_name: str, random_weights: bool, dtype: torch.dtype) -> torch.nn.Module:
+    """The base model: its checkpoint, or (``random_weights``) its architecture from benchmarks/configs/NAME.json
+    with random weights: speed does not depend on the weights' values."""
+    if not random_weights:
+        return load_model(model_name, dtype=dtype).model
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    name = "gemma-3-270m" if model_name == "gemma3-270m" else model_name
+    path = CONFIGS / f"{name}.json"
+    if not path.is_file():
+        raise SystemExit(f"--random-weights: no architecture {path}; add the model's config.json there.")
+    config = AutoConfig.for_model(**json.loads(path.read_text()))
+    return AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
+
+
+def build_all(model_name: str, cfg: RunConfig, methods: tuple[str, ...], device: torch.device, batch, target: int,
+              random_weights: bool = False, dtype: torch.dtype = torch.float32):  # fmt: skip
+    base = load_base(model_name, random_weights, dtype).to(device)
     benches, params = {}, {}
     for method in methods:
         model = copy.deepcopy(base).requires_grad_(False)  # the base stays frozen; adapters bring their own params
@@ -132,7 +150,7 @@ def build_all(model_name: str, cfg: RunConfig, methods: tuple[str, ...], device:
             model = build(method, model, cfg, n_train_tasks=10)
             params[method] = count_parameters(model).__dict__
         benches[method] = Bench(method, model, batch, target)
-    return benches, params, loaded
+    return benches, params, base
 
 
 def measure(benches: dict[str, Bench], what: Callable[[Bench], None], repeats: int, warmup: int, device) -> dict:
@@ -165,6 +183,9 @@ def main() -> None:
     parser.add_argument("--sweep-skills", type=int, nargs="+", default=[2, 4, 8, 16, 32, 64])
     parser.add_argument("--sweep-tasks", type=int, nargs="+", default=[1, 4, 16, 64])
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/speed.json"))
+    parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="base model (and activations)")
+    parser.add_argument("--random-weights", action="store_true", help="the architecture only (benchmarks/configs)")
+    parser.add_argument("--decode-batches", type=int, nargs=2, default=[1, 8], help="two decode batch sizes")
     args = parser.parse_args()
     torch.manual_seed(0)
     device = torch.device(args.device)
@@ -174,19 +195,21 @@ def main() -> None:
         rank=args.rank,
         n_abstract_tasks=args.abstract_tasks,
     )
-    vocab_probe = load_model(args.model).model.config.vocab_size
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+    vocab_probe = load_base(args.model, args.random_weights, dtype).config.vocab_size
     batch = make_batch(vocab_probe, args.batch, args.prompt, args.target, device)
     if args.memory_only:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps({"model": args.model, "sweep": sweep(args, device, batch)}, indent=1))
         return
-    benches, params, _ = build_all(args.model, cfg, METHODS, device, batch, args.target)
+    benches, params, _ = build_all(args.model, cfg, METHODS, device, batch, args.target, args.random_weights, dtype)
 
     report: dict = {"model": args.model, "device": str(device), "threads": torch.get_num_threads()}
-    report.update(batch=args.batch, prompt=args.prompt, target=args.target, parameters=params)
+    report.update(batch=args.batch, prompt=args.prompt, target=args.target, parameters=params, dtype=args.dtype)
     report["train_step_s"] = measure(benches, Bench.train_step, args.repeats, args.warmup, device)
     report["train_memory_bytes"] = {m: b.train_memory(device) for m, b in benches.items()}
-    for bs in (1, 8):
+    small, large = args.decode_batches
+    for bs in (small, large):
         one = measure(benches, lambda b, bs=bs: b.generate(bs, 1, args.prompt), args.repeats, args.warmup, device)
         full = measure(benches, lambda b, bs=bs: b.generate(bs, args.new_tokens, args.prompt), args.repeats,
                        args.warmup, device)  # fmt: skip
@@ -195,20 +218,21 @@ def main() -> None:
 
     lora = report["train_step_s"]["lora"]
     print(f"\n{'method':8} {'train step':>11} {'x LoRA':>7} {'memory MB':>10} {'x LoRA':>7} "
-          f"{'decode b1':>10} {'x LoRA':>7} {'decode b8':>10} {'x LoRA':>7}")  # fmt: skip
+          f"{f'decode b{small}':>10} {'x LoRA':>7} {f'decode b{large}':>10} {'x LoRA':>7}")  # fmt: skip
     for m in benches:
         t, mem = report["train_step_s"][m], report["train_memory_bytes"][m]
-        d1, d8 = report["decode_s_per_token_batch1"][m], report["decode_s_per_token_batch8"][m]
+        d1, d8 = report[f"decode_s_per_token_batch{small}"][m], report[f"decode_s_per_token_batch{large}"][m]
         print(f"{m:8} {t:10.3f}s {t / lora:7.3f} {mem / 2**20:10.1f} {mem / report['train_memory_bytes']['lora']:7.3f} "
-              f"{d1 * 1e3:8.1f}ms {d1 / report['decode_s_per_token_batch1']['lora']:7.3f} {d8 * 1e3:8.1f}ms "
-              f"{d8 / report['decode_s_per_token_batch8']['lora']:7.3f}")  # fmt: skip
+              f"{d1 * 1e3:8.1f}ms {d1 / report[f'decode_s_per_token_batch{small}']['lora']:7.3f} {d8 * 1e3:8.1f}ms "
+              f"{d8 / report[f'decode_s_per_token_batch{large}']['lora']:7.3f}")  # fmt: skip
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1))
     if args.sweep:
         report["sweep"] = sweep(args, device, batch)
         args.out.write_text(json.dumps(report, indent=1))
     train_ratio = report["train_step_s"]["orchmoe"] / lora
-    decode_ratio = report["decode_s_per_token_batch1"]["orchmoe"] / report["decode_s_per_token_batch1"]["lora"]
+    decode = report[f"decode_s_per_token_batch{small}"]
+    decode_ratio = decode["orchmoe"] / decode["lora"]
     print(f"RESULT train_step_ratio={train_ratio:.3f} decode_ratio={decode_ratio:.3f}")
 
 

