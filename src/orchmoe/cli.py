@@ -76,6 +76,11 @@ def build_parser() -> argparse.ArgumentParser:
     routing.add_argument("--task", help="Average routing of this task's test prompts (run directories).")
     routing.add_argument("--abstract-task", type=int, help="One abstract task (one-hot task weights).")
     routing.add_argument("--prompt", help="The routing of this prompt text.")
+    routing.add_argument(
+        "--all-abstract-tasks",
+        action="store_true",
+        help="Every abstract task as a named LoRA adapter, plus the Task Router (orchmoe.serving).",
+    )
     p.add_argument("--out", type=Path, required=True, help="Directory for the LoRA adapter.")
     p.add_argument("--overwrite", action="store_true", help="Replace an existing --out.")
     p.add_argument("--model", help="Base model of an adapter directory (default: its base_model_name_or_path).")
@@ -115,7 +120,8 @@ def main(argv: list[str] | None = None) -> int:
             from .pipeline.export import export_run
 
             path = export_run(args.run, args.out, task=args.task, abstract_task=args.abstract_task,
-                              prompt=args.prompt, overwrite=args.overwrite, model_name=args.model)  # fmt: skip
+                              prompt=args.prompt, overwrite=args.overwrite, model_name=args.model,
+                              all_abstract_tasks=args.all_abstract_tasks)  # fmt: skip
             print(f"wrote a PEFT LoRA adapter to {path}")
         finished = True
     except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as err:

@@ -88,6 +88,7 @@ def export_run(
     prompt: str | None = None,
     overwrite: bool = False,
     model_name: str | None = None,
+    all_abstract_tasks: bool = False,
 ) -> Path:
     """Write one routing of the OrchMoE adapter in ``run`` as a plain LoRA adapter in ``out``.
 
@@ -106,6 +107,12 @@ def export_run(
         cfg, (loaded, model) = None, load_adapter_dir(run, model_name)
     tuner = get_tuner(model)
     n_tasks = tuner.peft_config[tuner._adapter].n_abstract_tasks
+    if out.exists():
+        shutil.rmtree(out)
+    if all_abstract_tasks:
+        from ..serving import export_abstract_tasks
+
+        return export_abstract_tasks(model, out)
     with torch.no_grad():
         if abstract_task is not None:
             if not 0 <= abstract_task < n_tasks:
@@ -118,8 +125,6 @@ def export_run(
             raise ValueError(f"--task needs a run directory of `orchmoe train` (its tasks); {run} is an adapter only.")
         else:
             w = task_routing(cfg, loaded, model, task)
-    if out.exists():
-        shutil.rmtree(out)
     export_lora(model, w, out)
     (out / "routing.txt").write_text(f"task weights: {w[0].tolist()}\nsource: {run}\n")
     return out

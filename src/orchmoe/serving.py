@@ -1,0 +1,106 @@
+"""Serve OrchMoE with standard multi-LoRA inference: one LoRA per abstract task, routed by the Task Router alone.
+
+For a fixed routing, OrchMoE's update is exactly a LoRA of rank S*r (``orchmoe.export_lora``). With hard routing (each
+prompt to its most likely abstract task) a model is therefore T plain LoRA adapters plus a router:
+
+    export_abstract_tasks(model, "served")     # served/abstract-task-<t>/ (peft LoRA), served/router.safetensors
+    router = PromptRouter.from_pretrained("served")
+    names = router.adapter_names(input_ids, attention_mask, base.get_input_embeddings())
+    lora_model.generate(input_ids=..., attention_mask=..., adapter_names=names)   # peft's mixed-adapter batch
+
+The router reads the prompt's input embeddings only: no layer of the model runs to route. The adapter directories
+load in plain peft and transformers, without ``import orchmoe``; the router needs only torch and safetensors.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .pipeline.export import export_lora
+from .tuner.access import get_tuner
+
+ROUTER_FILE, ROUTER_CONFIG = "router.safetensors", "router.json"
+
+
+def adapter_name(task: int) -> str:
+    return f"abstract-task-{task}"
+
+
+def export_abstract_tasks(model: nn.Module, out: str | Path) -> Path:
+    """Write each of the T abstract tasks as a named LoRA adapter (``out/abstract-task-<t>``) and the Task Router
+    (``out/router.safetensors`` and ``router.json``)."""
+    out = Path(out)
+    tuner = get_tuner(model)
+    n_tasks = tuner.peft_config[tuner._adapter].n_abstract_tasks
+    for task in range(n_tasks):
+        export_lora(model, F.one_hot(torch.tensor([task]), n_tasks).float(), out / adapter_name(task))
+    router = tuner.task_router()
+    tensors = {
+        "weight": router.proj.weight.detach().float(),  # (T, d)
+        "bias": router.proj.bias.detach().float(),  # (T,)
+        "running_mean": router.norm.running_mean.float(),  # (d,)
+        "running_var": router.norm.running_var.float(),  # (d,)
+    }
+    save_file({k: v.contiguous() for k, v in tensors.items()}, out / ROUTER_FILE)
+    embeddings = tuner.model.get_input_embeddings()
+    scale = getattr(embeddings, "embed_scale", 1.0)
+    config = {"n_abstract_tasks": n_tasks, "eps": router.norm.eps, "embed_scale": float(scale),
+              "adapters": [adapter_name(t) for t in range(n_tasks)]}  # fmt: skip
+    (out / ROUTER_CONFIG).write_text(json.dumps(config, indent=1))
+    return out
+
+
+class PromptRouter(nn.Module):
+    """The Task Router on its own: prompt token embeddings -> abstract-task weights (B, T), as OrchMoE at eval.
+
+    X^ = softmax(X X^T / sqrt(d)) X + X,  p = masked mean of X^,  w = softmax(W (p - mu) / sqrt(var + eps) + b)
+    """
+
+    def __init__(self, tensors: dict[str, torch.Tensor], config: dict) -> None:
+        super().__init__()
+        for name, value in tensors.items():
+            self.register_buffer(name, value)
+        self.config = config
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path) -> PromptRouter:
+        path = Path(path)
+        return cls(load_file(path / ROUTER_FILE), json.loads((path / ROUTER_CONFIG).read_text()))
+
+    def forward(self, embeds: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """(B, L, d) raw token embeddings (the table's rows), (B, L) prompt mask -> (B, T) abstract-task weights."""
+        x = embeds.float() * self.config["embed_scale"]  # (B, L, d), as the model's embedding module scales them
+        keep = mask.bool()  # (B, L)
+        scores = torch.einsum("bid,bjd->bij", x, x) / math.sqrt(x.shape[-1])  # (B, L, L)
+        scores = scores.masked_fill(~keep[:, None, :], torch.finfo(scores.dtype).min)
+        x = torch.einsum("bij,bjd->bid", scores.softmax(dim=-1), x) + x  # (B, L, d)
+        weights = keep.to(x.dtype)  # (B, L)
+        pooled = torch.einsum("bld,bl->bd", x, weights) / weights.sum(dim=1, keepdim=True)  # (B, d)
+        pooled = (pooled - self.running_mean) / torch.sqrt(self.running_var + self.config["eps"])  # (B, d)
+        return F.linear(pooled, self.weight, self.bias).softmax(dim=-1)  # (B, T)
+
+    @torch.no_grad()
+    def adapter_names(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, table: nn.Embedding) -> list[str]:
+        """Each prompt's adapter: its most likely abstract task. ``table``: the base model's input embeddings."""
+        embeds = F.embedding(input_ids, table.weight.to(self.weight.device))  # (B, L, d), unscaled rows
+        tasks = self(embeds, attention_mask).argmax(dim=-1).tolist()
+        return [self.config["adapters"][t] for t in tasks]
+
+
+def load_served(base: nn.Module, path: str | Path) -> nn.Module:
+    """``base`` with every abstract task's LoRA adapter of ``path`` loaded (plain peft)."""
+    from peft import PeftModel
+
+    path = Path(path)
+    names = json.loads((path / ROUTER_CONFIG).read_text())["adapters"]
+    model = PeftModel.from_pretrained(base, path / names[0], adapter_name=names[0])
+    for name in names[1:]:
+        model.load_adapter(path / name, adapter_name=name)
+    return model.eval()
