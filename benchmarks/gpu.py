@@ -138,41 +138,26 @@ def speed(settings: dict, out: Path, deadline: float) -> dict[str, int]:
 
 
 def quality(settings: dict, data: Path, out: Path, deadline: float) -> dict[str, int]:
-    """lr-sweep (4 methods in parallel), then sni-many at each method's chosen lr (in parallel)."""
-    script = [sys.executable, str(HERE / "quality.py"), "--data-dir", str(data), "--out", str(out / "quality")]
-    sweep = {
-        f"sweep-{m}": [*script, "--parts", "lr-sweep", "--sweep-methods", m, *settings["quality"]] for m in METHODS
-    }
+    """lr-sweep (4 methods in parallel, each in its own folder), then sni-many at each method's chosen lr."""
+    script = [sys.executable, str(HERE / "quality.py"), "--data-dir", str(data)]
+    sweep = {f"sweep-{m}": [*script, "--out", str(out / f"quality-{m}"), "--parts", "lr-sweep", "--sweep-methods", m,
+                            *settings["quality"]] for m in METHODS}  # fmt: skip
     codes = parallel(sweep, out, 0.6 * max(60.0, deadline - time.time()))
-    chosen = {m: chosen_lr(out / "quality", m) for m in METHODS}
+    chosen = {m: lr for m in METHODS if (lr := chosen_lr(out, m)) is not None}
     many = {
-        f"many-{m}": [
-            *script,
-            "--parts",
-            "sni-many",
-            "--methods",
-            m,
-            "--lr",
-            str(lr),
-            *settings["quality"],
-            *settings["many"],
-        ]
+        f"many-{m}": [*script, "--out", str(out / f"many-{m}"), "--parts", "sni-many", "--methods", m, "--lr", str(lr),
+                      *settings["quality"], *settings["many"]]
         for m, lr in chosen.items()
-        if lr is not None
-    }
-    codes.update(parallel(many, out, max(30.0, deadline - time.time())))
+    }  # fmt: skip
+    if many:
+        codes.update(parallel(many, out, max(30.0, deadline - time.time())))
     return codes
 
 
-def chosen_lr(quality_out: Path, method: str) -> float | None:
-    """The lr the sweep chose for ``method``: the best validation score among its finished runs."""
-    scores = {}
-    for run in (quality_out / "lr-sweep").glob(f"{method}-lr*-seed0"):
-        val = run / "val_metrics.json"
-        if val.is_file():
-            lr = float(run.name.split("-lr")[1].split("-seed")[0])
-            scores[lr] = json.loads(val.read_text())["val"]["macro"]["rougeL"]
-    return max(scores, key=scores.__getitem__) if scores else None
+def chosen_lr(out: Path, method: str) -> float | None:
+    """The lr ``method``'s sweep chose (its quality.json), None when the sweep did not finish."""
+    report = out / f"quality-{method}" / "quality.json"
+    return json.loads(report.read_text())["lr-sweep"]["chosen"][method] if report.is_file() else None
 
 
 def summary(out: Path, codes: dict[str, int]) -> str:
@@ -190,9 +175,9 @@ def summary(out: Path, codes: dict[str, int]) -> str:
             f"decode OrchMoE/LoRA {ratios}"
         )
     for m in METHODS:
-        lr = chosen_lr(out / "quality", m)
+        lr = chosen_lr(out, m)
         lines.append(f"lr-sweep {m}: chosen {lr if lr is not None else 'none (runs missing)'}")
-    lines.append(f"tables: {out / 'quality'} (quality.md per part; logs beside it)")
+    lines.append(f"tables: {out}/quality-<method>/quality.md, {out}/many-<method>/quality.md; logs beside them")
     return "\n".join(lines)
 
 
@@ -207,12 +192,12 @@ def main() -> None:
     args = parser.parse_args()
     began = time.time()
     deadline = began + 60 * args.minutes
-    if args.dry_run:  # stage the built-in suite in pieces of 64 KiB, to go through reassembly as the GPU run does
+    if args.dry_run:  # stage the built-in suite in pieces of 4 KiB, to go through reassembly as the GPU run does
         from orchmoe.data import write_suite
 
         args.out.mkdir(parents=True, exist_ok=True)
         suite = write_suite(args.out / "suite-source", seed=0, n_instances=12)
-        manifest = stage(suite, args.staging, [], size=2**16)
+        manifest = stage(suite, args.staging, [], size=2**12)
         for k in range(1, len(manifest["calls"]) + 1):
             receive(args.staging / f"call-{k}", args.staging)
     elif args.receive is not None:
