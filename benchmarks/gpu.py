@@ -23,12 +23,15 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import statistics
 import subprocess
 import sys
 import tarfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+
+import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -160,6 +163,18 @@ def chosen_lr(out: Path, method: str) -> float | None:
     return json.loads(report.read_text())["lr-sweep"]["chosen"][method] if report.is_file() else None
 
 
+def allocation_distance(adapter: Path) -> float:
+    """Mean total-variation distance from uniform of the learned allocation rows softmax(Z / tau), over modules and
+    abstract tasks (0: Z never left uniform; 1 - 1/S: every row one-hot)."""
+    from safetensors.torch import load_file
+
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    rows = [z.float() / config["temperature"] for k, z in load_file(adapter / "adapter_model.safetensors").items()
+            if "orchmoe_skill_router" in k]  # fmt: skip
+    z = torch.stack(rows).softmax(dim=-1)  # (M, T, S)
+    return 0.5 * (z - 1.0 / z.shape[-1]).abs().sum(dim=-1).mean().item()
+
+
 def summary(out: Path, codes: dict[str, int]) -> str:
     status = ", ".join(f"{k} {'ok' if v == 0 else f'exit {v}'}" for k, v in codes.items())
     lines = [f"gpu benchmark in {out}: {status}"]
@@ -177,6 +192,13 @@ def summary(out: Path, codes: dict[str, int]) -> str:
     for m in METHODS:
         lr = chosen_lr(out, m)
         lines.append(f"lr-sweep {m}: chosen {lr if lr is not None else 'none (runs missing)'}")
+    adapters = sorted((out / "quality-orchmoe").glob("**/adapter"))
+    if adapters:
+        distances = [allocation_distance(a) for a in adapters]
+        lines.append(
+            f"OrchMoE allocation distance from uniform (TV), {len(distances)} runs: "
+            f"{statistics.mean(distances):.3f} (min {min(distances):.3f}, max {max(distances):.3f})"
+        )
     lines.append(f"tables: {out}/quality-<method>/quality.md, {out}/many-<method>/quality.md; logs beside them")
     return "\n".join(lines)
 

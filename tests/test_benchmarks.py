@@ -127,6 +127,7 @@ def test_gpu_benchmark_dry_run_goes_through_staging_speed_and_quality(tmp_path: 
     summary = (out / "summary.txt").read_text()
     assert done.stdout.strip().endswith(summary.strip().splitlines()[-1])  # the summary is printed last
     assert "train step OrchMoE/LoRA" in summary and "chosen 0.001" in summary
+    assert "allocation distance from uniform" in summary
     for method in ("orchmoe", "lora", "poly", "mhr"):
         assert (out / f"many-{method}" / "sni-many" / f"{method}-seed0" / "metrics.json").is_file()
         assert (out / f"quality-{method}" / "quality.md").is_file()

@@ -65,7 +65,7 @@ def test_served_adapters_load_without_orchmoe(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("arch", ["tiny-gemma3"])
-def test_cli_exports_every_abstract_task(arch: str, tmp_path: Path) -> None:
+def test_cli_exports_every_abstract_task_and_generates(arch: str, tmp_path: Path, capsys) -> None:
     model = trained(arch)
     model.save_pretrained(tmp_path / "adapter")
     code = main(["export", str(tmp_path / "adapter"), "--all-abstract-tasks", "--model", arch,
@@ -73,3 +73,8 @@ def test_cli_exports_every_abstract_task(arch: str, tmp_path: Path) -> None:
     assert code == 0
     assert sorted(p.name for p in (tmp_path / "served").iterdir() if p.is_dir()) == [adapter_name(t) for t in range(3)]
     assert (tmp_path / "served" / "router.safetensors").is_file()
+
+    assert main(["generate", str(tmp_path / "served"), "--model", arch, "--prompt", "Add 2 and 3", "--prompt",
+                 "Reverse abc", "--max-new-tokens", "3", "--quiet"]) == 0  # fmt: skip
+    printed = capsys.readouterr().out.strip().splitlines()[-2:]
+    assert all(line.startswith("[abstract-task-") for line in printed)

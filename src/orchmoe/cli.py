@@ -1,4 +1,4 @@
-"""The `orchmoe` command: train, eval, compare, export."""
+"""The `orchmoe` command: train, eval, compare, export, generate."""
 
 from __future__ import annotations
 
@@ -84,6 +84,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="Directory for the LoRA adapter.")
     p.add_argument("--overwrite", action="store_true", help="Replace an existing --out.")
     p.add_argument("--model", help="Base model of an adapter directory (default: its base_model_name_or_path).")
+
+    p = sub.add_parser("generate", parents=[common], help="Generate with served adapters, each prompt routed.")
+    p.add_argument("served", type=Path, help="A directory of `orchmoe export --all-abstract-tasks`.")
+    p.add_argument("--model", required=True, help="The base model the adapters were trained on.")
+    p.add_argument("--prompt", action="append", required=True, help="A prompt (repeat for a batch).")
+    p.add_argument("--max-new-tokens", type=int, default=32)
     return parser
 
 
@@ -123,6 +129,14 @@ def main(argv: list[str] | None = None) -> int:
                               prompt=args.prompt, overwrite=args.overwrite, model_name=args.model,
                               all_abstract_tasks=args.all_abstract_tasks)  # fmt: skip
             print(f"wrote a PEFT LoRA adapter to {path}")
+        elif args.command == "generate":
+            from .models import load_model
+            from .serving import generate_served
+
+            loaded = load_model(args.model)
+            for name, text in generate_served(args.served, loaded.model, loaded.tokenizer, args.prompt,
+                                              args.max_new_tokens):  # fmt: skip
+                print(f"[{name}] {text}")
         finished = True
     except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as err:
         message = " ".join(str(err).split())  # one line, whatever the library wrote

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -104,3 +105,22 @@ def load_served(base: nn.Module, path: str | Path) -> nn.Module:
     for name in names[1:]:
         model.load_adapter(path / name, adapter_name=name)
     return model.eval()
+
+
+@torch.no_grad()
+def generate_served(path: str | Path, base: nn.Module, tokenizer: Any, prompts: list[str], max_new_tokens: int = 32):
+    """Route ``prompts`` with the served router and generate them in one mixed batch of the served adapters:
+    [(adapter name, completion)] in prompt order."""
+    router = PromptRouter.from_pretrained(path)
+    model = load_served(base, path)
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left" if not base.config.is_encoder_decoder else side  # decoder-only: pad on the left
+    try:
+        batch = tokenizer(prompts, return_tensors="pt", padding=True)
+    finally:
+        tokenizer.padding_side = side
+    names = router.adapter_names(batch["input_ids"], batch["attention_mask"], base.get_input_embeddings())
+    out = model.generate(**batch, adapter_names=names, max_new_tokens=max_new_tokens, do_sample=False,
+                         pad_token_id=tokenizer.pad_token_id)  # fmt: skip
+    new = out if base.config.is_encoder_decoder else out[:, batch["input_ids"].shape[1] :]
+    return list(zip(names, tokenizer.batch_decode(new, skip_special_tokens=True), strict=True))
