@@ -36,7 +36,7 @@ def test_two_processes_match_one_process(tmp_path: Path, method: str) -> None:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     port = ["--main_process_ip", "127.0.0.1", "--main_process_port", str(free_port())]
     done = subprocess.run([*LAUNCH, *port, "-m", "orchmoe.cli", "train", "--out", str(tmp_path / "two"), *args],
-                          env=env, capture_output=True, text=True, timeout=180)  # fmt: skip
+                          env=env, capture_output=True, text=True, timeout=600)  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.count("trained") == 2  # two processes really ran
     one = load_file(str(tmp_path / "one" / "adapter" / "adapter_model.safetensors"))
