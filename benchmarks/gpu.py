@@ -88,21 +88,11 @@ def bootstrap(staging: Path, install: bool) -> Path:
             [sys.executable, "-m", "pip", "install", "--no-index", "--no-deps", "-q", *map(str, wheels)], check=True
         )
     if install:
-        subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "pip",
-                "install",
-                "--no-index",
-                "--no-deps",
-                "--no-build-isolation",
-                "-q",
-                "-e",
-                str(HERE.parent),
-            ],
-            check=True,
-        )
+        editable = ["install", "--no-index", "--no-deps", "--no-build-isolation", "-q", "-e", str(HERE.parent)]
+        subprocess.run([sys.executable, "-m", "pip", *editable], check=True)
+        # convert the packaged GGUF once, before parallel processes would each start the conversion
+        convert = "from orchmoe.models import default_model_path; default_model_path()"
+        subprocess.run([sys.executable, "-c", convert], check=True)
     with tarfile.open(whole / "sni.tgz") as tar:
         tar.extractall(whole, filter="data")
     return whole / "sni"
