@@ -58,8 +58,9 @@ def quality(runs: list[Path]) -> dict[str, Any]:
                                    [r["task"] for r in rows])["macro"]  # fmt: skip
             report[str(run)][name] = {"hard": scores["rougeL"], "soft": soft[name]["macro"]["rougeL"]}
             print(f"{run} {name}: R-L soft {soft[name]['macro']['rougeL']:.2f} hard {scores['rougeL']:.2f}", flush=True)
+    runs_report = dict(report)
     for name in ("seen", "unseen"):
-        diffs = [r[name]["hard"] - r[name]["soft"] for r in report.values()]
+        diffs = [r[name]["hard"] - r[name]["soft"] for r in runs_report.values()]
         report[f"{name} hard minus soft"] = diffs
         spread = f" ± {statistics.stdev(diffs):.2f}" if len(diffs) > 1 else ""
         print(f"{name}: hard minus soft R-L {statistics.mean(diffs):+.2f}{spread} over {len(diffs)} runs")
@@ -94,7 +95,8 @@ def latency(model_name: str, batch: int, prompt: int, new_tokens: int, repeats: 
         export_abstract_tasks(routed, served_dir)
         served = load_served(copy.deepcopy(base), served_dir)
     names = [f"abstract-task-{i % 4}" for i in range(batch)]  # a mixed batch: every adapter present
-    ids = torch.randint(10, 1000, (batch, prompt), generator=torch.Generator().manual_seed(0))
+    vocab = min(base.config.vocab_size, 1000)
+    ids = torch.randint(10, vocab, (batch, prompt), generator=torch.Generator().manual_seed(0))
     mask = torch.ones_like(ids)
     common = {"do_sample": False, "use_cache": True, "pad_token_id": 0}
     runs = {

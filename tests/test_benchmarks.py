@@ -131,3 +131,20 @@ def test_gpu_benchmark_dry_run_goes_through_staging_speed_and_quality(tmp_path: 
     for method in ("orchmoe", "lora", "poly", "mhr"):
         assert (out / f"many-{method}" / "sni-many" / f"{method}-seed0" / "metrics.json").is_file()
         assert (out / f"quality-{method}" / "quality.md").is_file()
+
+
+def test_serving_benchmark_on_a_tiny_run(tmp_path: Path) -> None:
+    from orchmoe.cli import main
+
+    run = tmp_path / "run"
+    assert main(["train", "--out", str(run), "--model", "tiny-gemma3", "--max-steps", "2", "--n-train", "4",
+                 "--n-test", "2", "--suite-instances", "16", "--max-new-tokens", "3", "--quiet"]) == 0  # fmt: skip
+    assert main(["eval", str(run), "--quiet"]) == 0
+    out = tmp_path / "quality.json"
+    done = script("serving.py", "--out", str(out), "quality", str(run))
+    report = json.loads(out.read_text())
+    assert set(report[str(run)]) == {"seen", "unseen"} and len(report["seen hard minus soft"]) == 1
+    assert "hard minus soft" in done.stdout
+    done = script("serving.py", "latency", "--model", "tiny-gemma3", "--repeats", "1", "--batch", "4", "--prompt", "8",
+                  "--new-tokens", "3")  # fmt: skip
+    assert "served (mixed batch)" in done.stdout
