@@ -30,18 +30,12 @@ from tqdm.auto import tqdm
 from transformers import get_constant_schedule_with_warmup, get_linear_schedule_with_warmup
 
 from ..data import IGNORE_INDEX, Collator, encode
-from ..training import RelaxationSchedule
 from . import checkpoint
 from .common import CONFIG_FILE, load_base, make_selection, prepare_run_dir, resolve_data_dir, write_json
 from .config import RunConfig
 from .methods import Method, build, count_parameters, method_of, optimizer_groups
 
 LOG_FILE = "train_log.jsonl"
-
-
-def relaxation_at(cfg: RunConfig, progress: float) -> dict[str, float | None]:
-    """The Skill Router's annealed settings at ``progress`` in [0, 1] of training (None: not annealed)."""
-    return RelaxationSchedule(cfg.temperature_end, cfg.noise_scale_end).at(cfg.temperature, progress)
 
 
 class TrainingDiverged(RuntimeError):

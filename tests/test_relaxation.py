@@ -1,11 +1,11 @@
-"""The trainer's schedules (the training loop itself runs in test_end_to_end and test_reliability)."""
+"""The Skill Router's relaxation schedule (orchmoe.training.RelaxationSchedule), used by the trainers and the harness
+(the training loops themselves run in test_training, test_end_to_end and test_reliability)."""
 
 from __future__ import annotations
 
 import pytest
 
-from orchmoe.pipeline.config import RunConfig
-from orchmoe.pipeline.trainer import relaxation_at
+from orchmoe.training import RelaxationSchedule
 
 
 @pytest.mark.parametrize(
@@ -25,8 +25,16 @@ from orchmoe.pipeline.trainer import relaxation_at
         ),
     ],
 )
-def test_relaxation_schedule(options: dict, progress: float, expected: dict) -> None:
-    got = relaxation_at(RunConfig(**options), progress)
+def test_relaxation_schedule_values(options: dict, progress: float, expected: dict) -> None:
+    schedule = RelaxationSchedule(options.get("temperature_end"), options.get("noise_scale_end"))
+    got = schedule.at(options.get("temperature", 1.0), progress)
     assert got.keys() == expected.keys()
     for key, value in expected.items():
         assert got[key] == (None if value is None else pytest.approx(value))
+
+
+@pytest.mark.parametrize(("options", "match"), [({"temperature_end": 0.0}, "temperature_end"),
+                                                ({"noise_scale_end": -1.0}, "noise_scale_end")])  # fmt: skip
+def test_impossible_schedules_are_rejected(options: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        RelaxationSchedule(**options)
