@@ -8,7 +8,7 @@ from peft import PeftModel
 import orchmoe
 from orchmoe.cli import main
 from orchmoe.models import tiny_model
-from orchmoe.pipeline.export import lora_from_routing, to_lora_model
+from orchmoe.pipeline.export import lora_from_routing
 from tests.conftest import VOCAB, inputs, make_peft
 
 
@@ -18,13 +18,10 @@ def test_exported_lora_equals_the_routed_model(tmp_path) -> None:
     task_weights = torch.tensor([[0.2, 0.5, 0.3]])
     lora, weights = lora_from_routing(model, task_weights)
     assert lora.r == rank and all(a.shape[0] == rank for a, _ in weights.values())
-    exported = to_lora_model(tiny_model("tiny-gemma3", vocab_size=VOCAB, seed=0), lora, weights).eval()
     batch = inputs(batch=2)
     with torch.no_grad():
         routed = model(**batch, task_weights=task_weights.repeat(2, 1)).logits
-        plain = exported(**batch).logits
-    torch.testing.assert_close(plain, routed, atol=1e-5, rtol=1e-4)
-    # orchmoe.export_lora writes the same adapter as a directory that plain peft loads; the model is left as it was
+    # orchmoe.export_lora writes that adapter as a directory that plain peft loads; the model is left as it was
     orchmoe.export_lora(model, task_weights, tmp_path)
     loaded = PeftModel.from_pretrained(tiny_model("tiny-gemma3", vocab_size=VOCAB, seed=0), tmp_path).eval()
     with torch.no_grad():

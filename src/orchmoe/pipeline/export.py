@@ -17,8 +17,7 @@ import shutil
 from pathlib import Path
 
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
-from torch import nn
+from peft import LoraConfig, PeftModel
 
 from ..models import load_model
 from ..tuner import OrchMoEConfig
@@ -67,17 +66,6 @@ def export_lora(model: PeftModel, task_weights: torch.Tensor, out: str | Path) -
         tensors[f"base_model.model.{name}.lora_B.weight"] = b.contiguous()
     save_file(tensors, out / "adapter_model.safetensors")
     return out
-
-
-def to_lora_model(base: nn.Module, lora: LoraConfig, weights: dict[str, tuple[torch.Tensor, torch.Tensor]]):
-    """A peft LoRA model on ``base`` carrying ``weights``."""
-    model = get_peft_model(base, lora)
-    modules = dict(model.base_model.model.named_modules())
-    with torch.no_grad():
-        for name, (a, b) in weights.items():
-            modules[name].lora_A["default"].weight.copy_(a)
-            modules[name].lora_B["default"].weight.copy_(b)
-    return model
 
 
 def export_run(
