@@ -9,13 +9,12 @@ prompt to its most likely abstract task) a model is therefore T plain LoRA adapt
     lora_model.generate(input_ids=..., attention_mask=..., adapter_names=names)   # peft's mixed-adapter batch
 
 The router reads the prompt's input embeddings only: no layer of the model runs to route. The adapter directories
-load in plain peft and transformers, without ``import orchmoe``; the router needs only torch and safetensors.
+load in plain peft and transformers, without ``import orchmoe``; the router file is the Task Router's state dict.
 """
 
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +25,8 @@ from torch import nn
 
 from .pipeline.export import export_lora
 from .tuner.access import get_tuner
+from .tuner.config import OrchMoEConfig
+from .tuner.router import TaskRouter
 
 ROUTER_FILE, ROUTER_CONFIG = "router.safetensors", "router.json"
 
@@ -43,55 +44,42 @@ def export_abstract_tasks(model: nn.Module, out: str | Path) -> Path:
     for task in range(n_tasks):
         export_lora(model, F.one_hot(torch.tensor([task]), n_tasks).float(), out / adapter_name(task))
     router = tuner.task_router()
-    tensors = {
-        "weight": router.proj.weight.detach().float(),  # (T, d)
-        "bias": router.proj.bias.detach().float(),  # (T,)
-        "running_mean": router.norm.running_mean.float(),  # (d,)
-        "running_var": router.norm.running_var.float(),  # (d,)
-    }
-    save_file({k: v.contiguous() for k, v in tensors.items()}, out / ROUTER_FILE)
+    save_file({k: v.detach().contiguous() for k, v in router.state_dict().items()}, out / ROUTER_FILE)
     embeddings = tuner.model.get_input_embeddings()
     scale = getattr(embeddings, "embed_scale", 1.0)
-    config = {"n_abstract_tasks": n_tasks, "eps": router.norm.eps, "embed_scale": float(scale),
+    config = {"n_abstract_tasks": n_tasks, "embed_dim": router.embed_dim, "embed_scale": float(scale),
               "adapters": [adapter_name(t) for t in range(n_tasks)]}  # fmt: skip
     (out / ROUTER_CONFIG).write_text(json.dumps(config, indent=1))
     return out
 
 
 class PromptRouter(nn.Module):
-    """The Task Router on its own: prompt token embeddings -> abstract-task weights (B, T), as OrchMoE at eval.
+    """The Task Router on its own, as OrchMoE routes at eval: the raw embedding-table rows of the prompt, scaled as
+    the model's embedding module scales them, to abstract-task weights (B, T)."""
 
-    X^ = softmax(X X^T / sqrt(d)) X + X,  p = masked mean of X^,  w = softmax(W (p - mu) / sqrt(var + eps) + b)
-    """
-
-    def __init__(self, tensors: dict[str, torch.Tensor], config: dict) -> None:
+    def __init__(self, router: TaskRouter, config: dict) -> None:
         super().__init__()
-        for name, value in tensors.items():
-            self.register_buffer(name, value)
+        self.router = router.eval()
         self.config = config
 
     @classmethod
     def from_pretrained(cls, path: str | Path) -> PromptRouter:
         path = Path(path)
-        return cls(load_file(path / ROUTER_FILE), json.loads((path / ROUTER_CONFIG).read_text()))
+        config = json.loads((path / ROUTER_CONFIG).read_text())
+        router = TaskRouter(config["embed_dim"], OrchMoEConfig(n_abstract_tasks=config["n_abstract_tasks"]))
+        router.load_state_dict(load_file(path / ROUTER_FILE))
+        return cls(router, config)
 
     def forward(self, embeds: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """(B, L, d) raw token embeddings (the table's rows), (B, L) prompt mask -> (B, T) abstract-task weights."""
-        x = embeds.float() * self.config["embed_scale"]  # (B, L, d), as the model's embedding module scales them
-        keep = mask.bool()  # (B, L)
-        scores = torch.einsum("bid,bjd->bij", x, x) / math.sqrt(x.shape[-1])  # (B, L, L)
-        scores = scores.masked_fill(~keep[:, None, :], torch.finfo(scores.dtype).min)
-        x = torch.einsum("bij,bjd->bid", scores.softmax(dim=-1), x) + x  # (B, L, d)
-        weights = keep.to(x.dtype)  # (B, L)
-        pooled = torch.einsum("bld,bl->bd", x, weights) / weights.sum(dim=1, keepdim=True)  # (B, d)
-        pooled = (pooled - self.running_mean) / torch.sqrt(self.running_var + self.config["eps"])  # (B, d)
-        return F.linear(pooled, self.weight, self.bias).softmax(dim=-1)  # (B, T)
+        return self.router(embeds.float() * self.config["embed_scale"], mask, deterministic=True)  # (B, T)
 
     @torch.no_grad()
     def adapter_names(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, table: nn.Embedding) -> list[str]:
         """Each prompt's adapter: its most likely abstract task. ``table``: the base model's input embeddings."""
-        embeds = F.embedding(input_ids, table.weight.to(self.weight.device))  # (B, L, d), unscaled rows
-        tasks = self(embeds, attention_mask).argmax(dim=-1).tolist()
+        weight = self.router.proj.weight
+        embeds = F.embedding(input_ids.to(weight.device), table.weight.to(weight.device))  # (B, L, d), unscaled
+        tasks = self(embeds, attention_mask.to(weight.device)).argmax(dim=-1).tolist()
         return [self.config["adapters"][t] for t in tasks]
 
 
