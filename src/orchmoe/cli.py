@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
             from .pipeline.evaluate import evaluate_run
 
             result = evaluate_run(args.run, unseen=args.unseen, progress=progress)
-            for name in ("seen", "unseen"):
+            for name in ("seen", "held_out", "unseen"):
                 if name in result:
                     macro = result[name]["macro"]
                     print(f"{name}: " + " ".join(f"{k}={v:.2f}" for k, v in macro.items()))

@@ -51,9 +51,11 @@ class Selection:
 
     train_tasks: list[str]
     unseen_tasks: list[str]
+    held_out_tasks: list[str] = field(default_factory=list)  # train-split tasks kept out of training
     train: list[Example] = field(default_factory=list)
     test: list[Example] = field(default_factory=list)
     unseen: list[Example] = field(default_factory=list)
+    held_out: list[Example] = field(default_factory=list)  # test instances of the held-out tasks
     val: list[Example] = field(default_factory=list)  # from the training tasks, disjoint from train and test
     extra_test: list[Example] = field(default_factory=list)  # training tasks, disjoint from train, test and val
     extra_unseen: list[Example] = field(default_factory=list)  # unseen tasks, after their test instances
@@ -159,6 +161,7 @@ def select(
     tasks: list[str] | None = None,
     n_val: int = 0,
     n_extra: int = 0,
+    held_out: list[str] | None = None,
 ) -> Selection:
     """Seeded choice of ``n_tasks`` training tasks (or the named ``tasks``) and ``n_unseen`` unseen test tasks.
 
@@ -169,12 +172,23 @@ def select(
     sample: for a training task the held instances after the first ``n_val``, for an unseen task the ones after its
     first ``n_test``; trained runs can so be re-scored on a larger test set. Same arguments, same selection on any
     machine.
+
+    ``held_out`` names tasks of the training split that are never trained on and tested like unseen ones (their first
+    ``n_test`` instances): with ``tasks`` naming the other members of their families, they measure transfer to an
+    unseen task of a seen family, apart from the split's test tasks (unseen families).
     """
     data_dir = Path(data_dir)
     train_names, test_names = read_split(data_dir, split)
     present = {p.stem for p in (data_dir / "tasks").glob("*.json")}
     pool = sorted(n for n in train_names if n in present)
     missing = sum(1 for n in train_names + test_names if n not in present)
+    held_out = list(held_out or [])
+    for name in held_out:
+        if name not in present:
+            raise SNIDataError(f"{data_dir / 'tasks'}: no task file for held-out task {name}.")
+        if name in (tasks or []):
+            raise SNIDataError(f"Task {name} is both a training task and held out; name it in one list only.")
+    pool = [n for n in pool if n not in held_out]
     if tasks:
         absent = [n for n in tasks if n not in present]
         if absent:
@@ -194,7 +208,7 @@ def select(
             "with a task file."
         )
     unseen = random.Random(f"{seed}:unseen").sample(unseen_pool, n_unseen)
-    selection = Selection(train_tasks=chosen, unseen_tasks=unseen, missing_from_split=missing)
+    selection = Selection(train_tasks=chosen, unseen_tasks=unseen, held_out_tasks=held_out, missing_from_split=missing)
     for name in chosen:
         task = read_task(data_dir / "tasks" / f"{name}.json")
         if len(task.instances) <= n_test:
@@ -208,9 +222,12 @@ def select(
         selection.train += to_examples(task, sample, k_shot)
         # at most n_val / n_extra: a short task whose instances all went to test and training gets fewer (or none)
         drawn = {id(i) for i in sample}  # by identity: a malformed file may repeat an instance id
-        held = [i for i in rest if id(i) not in drawn]
-        selection.val += to_examples(task, held[:n_val], k_shot)
-        selection.extra_test += to_examples(task, held[n_val : n_val + n_extra], k_shot)
+        kept = [i for i in rest if id(i) not in drawn]
+        selection.val += to_examples(task, kept[:n_val], k_shot)
+        selection.extra_test += to_examples(task, kept[n_val : n_val + n_extra], k_shot)
+    for name in held_out:
+        task = read_task(data_dir / "tasks" / f"{name}.json")
+        selection.held_out += to_examples(task, task.instances[:n_test], k_shot)
     for name in unseen:
         task = read_task(data_dir / "tasks" / f"{name}.json")
         selection.unseen += to_examples(task, task.instances[:n_test], k_shot)

@@ -50,6 +50,7 @@ def make_selection(cfg: RunConfig, n_val: int = 0, n_extra: int = 0) -> Selectio
         split=cfg.split,
         k_shot=cfg.k_shot,
         tasks=cfg.tasks,
+        held_out=cfg.held_out_tasks,
         n_val=n_val,
         n_extra=n_extra,
     )

@@ -33,6 +33,10 @@ class RunConfig:
     n_tasks: int = field(default=10, metadata={"help": "Training tasks, chosen at random (seeded)."})
     n_unseen: int = field(default=2, metadata={"help": "Unseen tasks from the split's test list."})
     tasks: list[str] | None = field(default=None, metadata={"help": "Explicit training tasks (overrides n_tasks)."})
+    held_out_tasks: list[str] | None = field(
+        default=None,
+        metadata={"help": "Training-split tasks never trained on, scored apart (unseen members of seen families)."},
+    )
     n_train: int = field(default=48, metadata={"help": "Training instances per task."})
     n_test: int = field(default=10, metadata={"help": "Test instances per task (its first ones)."})
     k_shot: int = field(default=0, metadata={"help": "Positive examples in the prompt."})

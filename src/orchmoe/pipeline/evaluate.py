@@ -115,12 +115,15 @@ def score_sets(
 
 
 def evaluate_run(run: Path, unseen: bool = True, progress: bool = True) -> dict[str, Any]:
-    """Evaluate a trained run on its seen-task test sets (and unseen tasks); write predictions and metrics."""
+    """Evaluate a trained run on its seen-task test sets (and held-out and unseen tasks); write predictions and
+    metrics."""
     run = Path(run)
     began = time.time()
     cfg, loaded, model = load_trained(run)
     selection = make_selection(cfg)
     sets = {"seen": selection.test}
+    if unseen and selection.held_out:
+        sets["held_out"] = selection.held_out
     if unseen and selection.unseen:
         sets["unseen"] = selection.unseen
     scores, lines = score_sets(cfg, loaded, model, sets, selection.task_index, progress)

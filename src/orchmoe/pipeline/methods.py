@@ -58,6 +58,10 @@ class Method:
         """Routing statistics of the forward just run (before its backward), for the training log."""
         return None
 
+    def log_state(self, model: nn.Module) -> dict[str, float]:
+        """Numbers of the model's current state for a training-log entry (one host sync per entry)."""
+        return {}
+
     def finish(self, model: PeftModel, n_train_tasks: int) -> None:
         """After the last step, before saving."""
 
@@ -132,6 +136,18 @@ class OrchMoE(Method):
     def routing_weights(self, model: PeftModel, kwargs: dict[str, Any]) -> torch.Tensor:
         return get_tuner(model).routing(**kwargs).task_weights
 
+    def log_state(self, model: nn.Module) -> dict[str, float]:
+        return {"allocation_tv": allocation_distance(model)}
+
+
+def allocation_distance(model: nn.Module) -> float:
+    """How far the learned allocation is from uniform: the total-variation distance between each abstract task's
+    eval-time skill distribution softmax(Z_i / tau) and 1/S, averaged over abstract tasks and modules (0: every
+    abstract task gets the same, uniform skill mix, i.e. OrchMoE computes a LoRA of rank S*r)."""
+    with torch.no_grad():
+        z = torch.stack([m.allocation(stochastic=False) for m in model.modules() if isinstance(m, SkillRouter)])
+        return (0.5 * (z - 1.0 / z.shape[-1]).abs().sum(-1)).mean().item()  # (M, T, S) -> scalar
+
 
 METHOD_OBJECTS: dict[str, Method] = {
     m.name: m for m in (OrchMoE(), LoRA(), Poly("poly", 1e-2, multi_head=False), Poly("mhr", 3e-3, multi_head=True))
@@ -178,6 +194,20 @@ def is_allocation_param(name: str) -> bool:
 
 def is_router_param(name: str) -> bool:
     return "orchmoe_task_router" in name or is_allocation_param(name)
+
+
+def parameter_kind(name: str) -> str:
+    """allocation (task-skill logits), task_router or adapter (skills / LoRA matrices)."""
+    return "allocation" if is_allocation_param(name) else "task_router" if is_router_param(name) else "adapter"
+
+
+def gradient_norms(model: nn.Module) -> dict[str, torch.Tensor]:
+    """L2 norm of the current gradients of each parameter kind (before clipping): {"grad_norm_<kind>": scalar}."""
+    squares: dict[str, list[torch.Tensor]] = {}
+    for name, p in model.named_parameters():
+        if p.grad is not None:
+            squares.setdefault(parameter_kind(name), []).append(p.grad.detach().float().square().sum())
+    return {f"grad_norm_{kind}": torch.stack(values).sum().sqrt() for kind, values in squares.items()}
 
 
 @dataclass

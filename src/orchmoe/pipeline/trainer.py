@@ -2,13 +2,11 @@
 
 The data order is fixed up front from the seed (a stream of seeded permutations cut into full global batches), so a
 run resumed from a checkpoint sees exactly the batches an uninterrupted run would have seen. The loss is computed on
-target tokens only: for decoder-only models the logits are materialised for the target columns alone
-(``logits_to_keep``), never for the prompt.
+target tokens only: the output head runs on the supervised positions alone (``orchmoe.head``), never on the prompt.
 """
 
 from __future__ import annotations
 
-import inspect
 import json
 import math
 import random
@@ -20,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from accelerate import Accelerator, DataLoaderConfiguration
 from accelerate.state import AcceleratorState
 from accelerate.utils import set_seed
@@ -29,11 +26,12 @@ from torch.utils.data import DataLoader, Sampler
 from tqdm.auto import tqdm
 from transformers import get_constant_schedule_with_warmup, get_linear_schedule_with_warmup
 
-from ..data import IGNORE_INDEX, Collator, encode
+from ..data import Collator, encode
+from ..head import supervised_loss_sum
 from . import checkpoint
 from .common import CONFIG_FILE, load_base, make_selection, prepare_run_dir, resolve_data_dir, write_json
 from .config import RunConfig
-from .methods import Method, build, count_parameters, method_of, optimizer_groups
+from .methods import Method, build, count_parameters, gradient_norms, method_of, optimizer_groups
 
 LOG_FILE = "train_log.jsonl"
 
@@ -72,18 +70,10 @@ def total_steps(cfg: RunConfig, n_examples: int) -> int:
 
 
 def lm_loss(model: torch.nn.Module, batch: dict[str, Any], kwargs: dict[str, Any], is_encoder_decoder: bool):
-    """Summed cross-entropy over the target tokens of the batch, and their number."""
-    labels = batch["labels"]
-    if is_encoder_decoder:
-        base = model.get_base_model() if hasattr(model, "get_base_model") else model
-        decoder_input_ids = base.prepare_decoder_input_ids_from_labels(labels=labels)
-        logits = model(**kwargs, decoder_input_ids=decoder_input_ids).logits  # (B, T_tgt, V)
-    else:
-        width = int(batch["target_width"])
-        logits = model(**kwargs, logits_to_keep=width + 1).logits[:, :-1]  # (B, T_tgt, V): target columns only
-        labels = labels[:, -width:]
-    loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
-    return loss, (labels != IGNORE_INDEX).sum()
+    """Summed cross-entropy over the target tokens of the batch, and their number; the output head runs on the
+    supervised positions only (``orchmoe.head``), for every method alike."""
+    loss, n_tokens, _ = supervised_loss_sum(model, batch["labels"], is_encoder_decoder, **kwargs)
+    return loss, n_tokens
 
 
 @dataclass
@@ -110,7 +100,7 @@ def train(cfg: RunConfig, out: Path, resume: bool = False, overwrite: bool = Fal
                disable=not (progress and run.main))  # fmt: skip
     began, bad_streak, step = time.time(), 0, run.start
     for step in range(run.start + 1, run.steps + 1):
-        skipped = train_step(run, step)
+        skipped = train_step(run, step, logged=step % cfg.log_every == 0 or step == run.steps)
         bad_streak = bad_streak + 1 if skipped else 0
         bar.update(1)
         if skipped or step % cfg.log_every == 0 or step == run.steps:
@@ -147,6 +137,7 @@ class Run:
     window: list[tuple[float, float]] = field(default_factory=list)  # losses since the last log entry
     assignments: list[torch.Tensor] = field(default_factory=list)  # argmax abstract tasks since the last entry
     routing: dict[str, torch.Tensor] | None = None  # routing statistics of the last forward
+    grad_norms: dict[str, torch.Tensor] = field(default_factory=dict)  # of the last logged step, before clipping
     rng: Any = None  # the checkpoint's random state, restored after prepare()
     loader: Any = None
     unwrapped: Any = None
@@ -197,8 +188,6 @@ def setup(cfg: RunConfig, out: Path, resume: bool, overwrite: bool) -> Run:
     )
     model = build(cfg.method, loaded.model, cfg, len(selection.train_tasks))
     model.train()
-    if not loaded.is_encoder_decoder and "logits_to_keep" not in inspect.signature(loaded.model.forward).parameters:
-        raise ValueError(f"{type(loaded.model).__name__} has no `logits_to_keep`; use a recent transformers model.")
     steps = total_steps(cfg, len(encoded))
     lr = cfg.learning_rate
     optimizer = torch.optim.AdamW(
@@ -213,6 +202,7 @@ def setup(cfg: RunConfig, out: Path, resume: bool, overwrite: bool) -> Run:
         summary = {
             "train_tasks": selection.train_tasks,
             "unseen_tasks": selection.unseen_tasks,
+            "held_out_tasks": selection.held_out_tasks,
             "train_examples": len(encoded),
             "missing_from_split": selection.missing_from_split,
             "truncation": truncation.as_dict(),
@@ -264,8 +254,9 @@ def prepare(run: Run) -> None:
         checkpoint.set_rng_state(run.rng)  # after prepare(), right where the uninterrupted run stood
 
 
-def train_step(run: Run, step: int) -> bool:
-    """One optimizer step over ``grad_accum`` micro-batches; True when it was skipped (a non-finite loss)."""
+def train_step(run: Run, step: int, logged: bool = False) -> bool:
+    """One optimizer step over ``grad_accum`` micro-batches; True when it was skipped (a non-finite loss). A
+    ``logged`` step keeps the gradient norms of each parameter kind (before clipping) for its log entry."""
     cfg, accelerator, model = run.cfg, run.accelerator, run.model
     run.method.step_begin(run.unwrapped, cfg, (step - 1) / max(1, run.steps - 1))
     skipped = False
@@ -293,6 +284,8 @@ def train_step(run: Run, step: int) -> bool:
     if skipped:
         run.optimizer.zero_grad()
     else:
+        if logged:
+            run.grad_norms = gradient_norms(run.unwrapped)
         if cfg.max_grad_norm > 0:
             accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
         run.optimizer.step()
@@ -317,6 +310,9 @@ def log_step(run: Run, step: int, skipped: bool, began: float) -> dict[str, Any]
     if run.routing is not None:
         entry["entropy_per_example"] = run.routing["entropy_per_example"].item()  # of the last forward
         entry["entropy_marginal"] = run.routing["entropy_marginal"].item()
+    entry.update({k: v.item() for k, v in run.grad_norms.items()})
+    entry.update(run.method.log_state(run.unwrapped))
+    run.grad_norms = {}
     if run.assignments and not cfg.uniform_task_router and cfg.n_abstract_tasks > 1:
         used = torch.cat(run.assignments).unique().numel()
         entry["abstract_tasks_used"] = used

@@ -1,0 +1,157 @@
+"""The routing claim at scale: OrchMoE against LoRA, Poly and MHR on ../shared/sni-full (protocol in BENCHMARKS.md,
+"At scale on sni-full", fixed before any run).
+
+    python benchmarks/at_scale.py run --data-dir ../shared/sni-full --protocol families   # the next runs, in order
+    python benchmarks/at_scale.py run --data-dir ../shared/sni-full --only orchmoe-lr0.003-seed0
+    python benchmarks/at_scale.py plan --protocol families                                 # what is done, what is next
+    python benchmarks/at_scale.py report                                                   # tables from the results
+
+Each run trains (checkpointed every ``checkpoint_every`` steps, resumed from its last checkpoint when interrupted),
+is tested (seen, held-out and unseen tasks) and validated, and its ``config.json``, ``data.json``, ``metrics.json``,
+``val_metrics.json`` and ``train_log.jsonl`` are copied to ``benchmarks/results/sni-full/<protocol>/<run>/``; a run
+found there is finished and never repeated. The plan is the protocol's: each method's learning-rate grid at seed 0,
+each method's lr chosen on validation ROUGE-L, OrchMoE and LoRA at seeds 1 and 2 at their chosen lr, then the two
+pre-registered OrchMoE remedies at OrchMoE's chosen lr at seeds 0, 1 and 2. A run that needs a choice not yet made
+waits for the runs that make it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from orchmoe.pipeline.config import RunConfig, read_config_file
+
+ROOT = Path(__file__).resolve().parent
+RESULTS = ROOT / "results" / "sni-full"
+CONFIGS = {"families": ROOT / "configs" / "sni-full-families.yaml", "sni-10": ROOT / "configs" / "sni-full-10.yaml"}
+KEPT = ("config.json", "data.json", "metrics.json", "val_metrics.json", "train_log.jsonl")
+N_VAL = 16  # validation instances per training task (the protocol's)
+SEEDS = (0, 1, 2)
+# each method's learning-rate grid: its validated lr (sni-10, 40 steps) first, then a third of it (6x the steps here)
+GRID = {"orchmoe": (3e-3, 1e-3), "lora": (3e-3, 1e-3), "poly": (1e-2, 3e-3), "mhr": (3e-3, 1e-3)}
+# the two pre-registered remedies for an allocation that does not move (BENCHMARKS.md): OrchMoE variants
+REMEDIES: dict[str, dict[str, Any]] = {
+    "orchmoe-alloc": {"allocation_lr": 0.1},  # Z at mttl's module_logits_learning_rate
+    "orchmoe-alloc-fade": {"allocation_lr": 0.1, "noise_scale_end": 0.0},  # and the Gumbel noise faded to 0
+}
+ORDER = ("orchmoe", "lora", "poly", "mhr")
+
+
+@dataclass(frozen=True)
+class Planned:
+    name: str
+    variant: str  # a method, or a remedy
+    method: str
+    lr: float
+    seed: int
+    changes: tuple[tuple[str, Any], ...] = ()
+
+
+def slug(variant: str, lr: float, seed: int) -> str:
+    return f"{variant}-lr{lr:g}-seed{seed}"
+
+
+def finished(protocol: str, name: str) -> Path | None:
+    folder = RESULTS / protocol / name
+    return folder if all((folder / f).is_file() for f in KEPT) else None
+
+
+def validation_score(protocol: str, name: str) -> float | None:
+    folder = finished(protocol, name)
+    if folder is None:
+        return None
+    return float(json.loads((folder / "val_metrics.json").read_text())["val"]["macro"]["rougeL"])
+
+
+def chosen_lr(protocol: str, method: str) -> float | None:
+    """The grid value with the best validation ROUGE-L at seed 0 (ties: the lower lr); None until all are done."""
+    scores = {lr: validation_score(protocol, slug(method, lr, 0)) for lr in GRID[method]}
+    if any(s is None for s in scores.values()):
+        return None
+    return max(sorted(scores), key=lambda lr: scores[lr])  # max keeps the first (lowest) of equal scores
+
+
+def plan(protocol: str) -> tuple[list[Planned], list[str]]:
+    """(runs whose settings are known, in order; runs waiting for an lr choice)."""
+    runs = [Planned(slug(m, GRID[m][i], 0), m, m, GRID[m][i], 0) for i in range(2) for m in ORDER]
+    waiting = []
+    for method in ("orchmoe", "lora"):
+        lr = chosen_lr(protocol, method)
+        if lr is None:
+            waiting += [f"{method} seeds 1, 2 (lr not chosen yet)"]
+            continue
+        runs += [Planned(slug(method, lr, s), method, method, lr, s) for s in SEEDS[1:]]
+    lr = chosen_lr(protocol, "orchmoe")
+    for remedy, changes in REMEDIES.items():
+        if lr is None:
+            waiting.append(f"{remedy} seeds 0, 1, 2 (OrchMoE's lr not chosen yet)")
+            continue
+        runs += [Planned(slug(remedy, lr, s), remedy, "orchmoe", lr, s, tuple(changes.items())) for s in SEEDS]
+    return runs, waiting
+
+
+def config_of(protocol: str, data_dir: str, run: Planned, model: str) -> RunConfig:
+    options = read_config_file(CONFIGS[protocol])
+    base = RunConfig(data_dir=data_dir, model=model, **options)
+    return dataclasses.replace(base, method=run.method, lr=run.lr, seed=run.seed, **dict(run.changes))
+
+
+def execute(protocol: str, data_dir: str, run: Planned, work: Path, model: str) -> Path:
+    """Train (resuming from the last checkpoint), test, validate; copy the kept files to the results folder."""
+    from orchmoe.pipeline.evaluate import METRICS, VAL_METRICS, evaluate_run, validate_run
+    from orchmoe.pipeline.trainer import train
+
+    cfg = config_of(protocol, data_dir, run, model)
+    out = work / protocol / run.name
+    if not (out / "adapter" / "adapter_config.json").is_file():
+        resume = (out / "config.json").is_file()
+        train(cfg, out, resume=resume, overwrite=not resume, progress=False)
+    if not (out / METRICS).is_file():
+        evaluate_run(out, progress=False)
+    if not (out / VAL_METRICS).is_file():
+        validate_run(out, N_VAL, progress=False)
+    target = RESULTS / protocol / run.name
+    target.mkdir(parents=True, exist_ok=True)
+    for name in KEPT:
+        shutil.copy2(out / name, target / name)
+    return target
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("command", choices=["run", "plan"])
+    parser.add_argument("--protocol", choices=list(CONFIGS), default="families")
+    parser.add_argument("--data-dir", default="../shared/sni-full")
+    parser.add_argument("--model", default="gemma3-270m")
+    parser.add_argument("--work", type=Path, default=Path("runs/sni-full"), help="run directories (checkpoints)")
+    parser.add_argument("--only", nargs="+", help="run these planned runs only (names as `plan` prints them)")
+    parser.add_argument("--limit", type=int, default=0, help="stop after this many runs (0: all that are known)")
+    args = parser.parse_args()
+    runs, waiting = plan(args.protocol)
+    if args.only:
+        runs = [r for r in runs if r.name in args.only]
+    if args.command == "plan":
+        for r in runs:
+            print(f"{'done' if finished(args.protocol, r.name) else 'todo'}  {r.name}")
+        for w in waiting:
+            print(f"wait  {w}")
+        return
+    done = 0
+    for r in runs:
+        if finished(args.protocol, r.name):
+            continue
+        target = execute(args.protocol, args.data_dir, r, args.work, args.model)
+        print(f"finished {r.name} -> {target}", flush=True)
+        done += 1
+        if args.limit and done >= args.limit:
+            break
+
+
+if __name__ == "__main__":
+    main()
