@@ -9,7 +9,10 @@
 Each run trains (checkpointed every ``checkpoint_every`` steps, resumed from its last checkpoint when interrupted),
 is tested (seen, held-out and unseen tasks) and validated, and its ``config.json``, ``data.json``, ``metrics.json``,
 ``val_metrics.json`` and ``train_log.jsonl`` are copied to ``benchmarks/results/sni-full/<protocol>/<run>/``; a run
-found there is finished and never repeated. The plan is the protocol's: each method's learning-rate grid at seed 0,
+found there is finished and never repeated. ``park`` copies each unfinished run's last complete checkpoint (and
+its settings and log) to ``benchmarks/results/sni-full/<protocol>/<run>/in-progress/`` to be committed, so that a
+later session, on a fresh checkout, resumes the run from that step; ``run`` restores it and deletes it once the run
+ends. The plan is the protocol's: each method's learning-rate grid at seed 0,
 each method's lr chosen on validation ROUGE-L, OrchMoE and LoRA at seeds 1 and 2 at their chosen lr, then the two
 pre-registered OrchMoE remedies at OrchMoE's chosen lr at seeds 0, 1 and 2. A run that needs a choice not yet made
 waits for the runs that make it.
@@ -102,6 +105,34 @@ def config_of(protocol: str, data_dir: str, run: Planned, model: str) -> RunConf
     return dataclasses.replace(base, method=run.method, lr=run.lr, seed=run.seed, **dict(run.changes))
 
 
+PARKED = ("config.json", "data.json", "train_log.jsonl")
+
+
+def park(protocol: str, work: Path) -> list[Path]:
+    """Each unfinished run's last complete checkpoint, settings and log, copied to its results folder."""
+    from orchmoe.pipeline import checkpoint
+
+    parked = []
+    for out in sorted((work / protocol).glob("*")):
+        found = checkpoint.latest(out / "checkpoints")
+        if finished(protocol, out.name) or found is None:
+            continue
+        target = RESULTS / protocol / out.name / "in-progress"
+        shutil.rmtree(target, ignore_errors=True)
+        shutil.copytree(found, target / "checkpoints" / found.name)
+        for name in PARKED:
+            shutil.copy2(out / name, target / name)
+        parked.append(target)
+    return parked
+
+
+def unpark(protocol: str, name: str, out: Path) -> None:
+    """A parked checkpoint restored into an empty run directory, to resume from."""
+    parked = RESULTS / protocol / name / "in-progress"
+    if parked.is_dir() and not (out / "config.json").is_file():
+        shutil.copytree(parked, out, dirs_exist_ok=True)
+
+
 def execute(protocol: str, data_dir: str, run: Planned, work: Path, model: str) -> Path:
     """Train (resuming from the last checkpoint), test, validate; copy the kept files to the results folder."""
     from orchmoe.pipeline.evaluate import METRICS, VAL_METRICS, evaluate_run, validate_run
@@ -109,6 +140,7 @@ def execute(protocol: str, data_dir: str, run: Planned, work: Path, model: str) 
 
     cfg = config_of(protocol, data_dir, run, model)
     out = work / protocol / run.name
+    unpark(protocol, run.name, out)
     if not (out / "adapter" / "adapter_config.json").is_file():
         resume = (out / "config.json").is_file()
         train(cfg, out, resume=resume, overwrite=not resume, progress=False)
@@ -120,12 +152,13 @@ def execute(protocol: str, data_dir: str, run: Planned, work: Path, model: str) 
     target.mkdir(parents=True, exist_ok=True)
     for name in KEPT:
         shutil.copy2(out / name, target / name)
+    shutil.rmtree(target / "in-progress", ignore_errors=True)
     return target
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("command", choices=["run", "plan"])
+    parser.add_argument("command", choices=["run", "plan", "park"])
     parser.add_argument("--protocol", choices=list(CONFIGS), default="families")
     parser.add_argument("--data-dir", default="../shared/sni-full")
     parser.add_argument("--model", default="gemma3-270m")
@@ -136,6 +169,10 @@ def main() -> None:
     runs, waiting = plan(args.protocol)
     if args.only:
         runs = [r for r in runs if r.name in args.only]
+    if args.command == "park":
+        for target in park(args.protocol, args.work):
+            print(f"parked {target}")
+        return
     if args.command == "plan":
         for r in runs:
             print(f"{'done' if finished(args.protocol, r.name) else 'todo'}  {r.name}")

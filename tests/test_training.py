@@ -84,6 +84,53 @@ def test_orchmoe_trainer_gives_routers_their_learning_rate_and_anneals(tmp_path:
     assert config.temperature == pytest.approx(4.0) and config.noise_scale == pytest.approx(0.0)
 
 
+def lora_model() -> torch.nn.Module:
+    from peft import LoraConfig
+
+    torch.manual_seed(0)
+    config = LoraConfig(r=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM", init_lora_weights=False)
+    return get_peft_model(tiny_model("tiny-gemma3", vocab_size=len(TOKENIZER), seed=0), config)
+
+
+def trained_with_head(tmp_path: Path, method: str, supervised_head: bool, accumulation: int, checkpointing: bool):
+    """(losses logged per step, trained adapter parameters, rows the output head computed per call)."""
+    model = orchmoe_model() if method == "orchmoe" else lora_model()
+    rows_seen: list[int] = []
+    head = model.get_output_embeddings()
+    head.register_forward_hook(lambda _m, _args, out: rows_seen.append(out.flatten(0, -2).shape[0]))
+    common = {**COMMON, "per_device_train_batch_size": 4 // accumulation}
+    args = TrainingArguments(output_dir=str(tmp_path), **common, gradient_accumulation_steps=accumulation,
+                             gradient_checkpointing=checkpointing)  # fmt: skip
+    collator = DataCollatorForSeq2Seq(TOKENIZER, label_pad_token_id=-100)
+    trainer = orchmoe.OrchMoETrainer(model=model, args=args, train_dataset=tokenized(), data_collator=collator,
+                                     supervised_head=supervised_head)  # fmt: skip
+    trainer.train()
+    losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+    params = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    return losses, params, rows_seen
+
+
+@pytest.mark.parametrize(
+    ("method", "accumulation", "checkpointing"),
+    [("orchmoe", 1, False), ("orchmoe", 2, True), ("lora", 1, False), ("lora", 2, False)],
+)
+def test_orchmoe_trainer_head_on_supervised_positions_trains_as_full_logits(
+    tmp_path: Path, method: str, accumulation: int, checkpointing: bool
+) -> None:
+    """OrchMoETrainer's training loss with the head on the supervised positions only: the same losses and the same
+    trained parameters as with the full logits (supervised_head=False, Trainer's own compute_loss), for OrchMoE and
+    for a LoRA control, with gradient accumulation; the head saw the supervised positions only."""
+    full = trained_with_head(tmp_path / "full", method, False, accumulation, checkpointing)
+    fast = trained_with_head(tmp_path / "fast", method, True, accumulation, checkpointing)
+    assert len(fast[0]) == 3
+    assert fast[0] == pytest.approx(full[0], rel=1e-4)
+    for name, value in full[1].items():
+        torch.testing.assert_close(fast[1][name], value, rtol=1e-4, atol=1e-5, msg=name)
+    answers = [len(TOKENIZER(r["completion"], add_special_tokens=False)["input_ids"]) + 1 for r in rows(12)]
+    assert sum(fast[2]) == sum(answers)  # each supervised token once (its answer and EOS), nothing of the prompt
+    assert sum(full[2]) > 2 * sum(fast[2])
+
+
 def sft_dataset(n: int = 12) -> Dataset:
     return Dataset.from_list([{"prompt": r["prompt"], "completion": r["completion"]} for r in rows(n)])
 

@@ -40,7 +40,15 @@ def supervised_positions(labels: torch.Tensor, shift: bool) -> tuple[torch.Tenso
     return index, targets.flatten().index_select(0, index)
 
 
+def unwrapped(model: nn.Module) -> nn.Module:
+    """The model inside data-parallel wrappers (DistributedDataParallel and the like keep it as ``.module``)."""
+    while not hasattr(model, "get_output_embeddings") and isinstance(getattr(model, "module", None), nn.Module):
+        model = model.module
+    return model
+
+
 def output_head(model: nn.Module) -> nn.Module:
+    model = unwrapped(model)
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if not isinstance(head, nn.Module):
         raise ValueError(
@@ -77,7 +85,8 @@ def supervised_logits(
     if "logits_to_keep" in inputs:
         raise ValueError("supervised_logits selects the positions itself: do not pass logits_to_keep.")
     if is_encoder_decoder and inputs.get("decoder_input_ids") is None and inputs.get("decoder_inputs_embeds") is None:
-        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        inner = unwrapped(model)
+        base = inner.get_base_model() if hasattr(inner, "get_base_model") else inner
         inputs["decoder_input_ids"] = base.prepare_decoder_input_ids_from_labels(labels=labels)
     index, targets = supervised_positions(labels, shift=not is_encoder_decoder)
     with head_at(model, index):

@@ -9,6 +9,11 @@
 - the ``routing_mask`` column kept when a dataset has one (else the model derives the prompt from ``labels``);
 - packing refused (a packed row holds several prompts but gets one routing).
 
+``OrchMoETrainer`` also computes the training loss with the output head applied only where labels supervise
+(``orchmoe.head``), for OrchMoE and any other model alike: the same loss and gradients as ``Trainer``'s, without the
+prompt's logits (``supervised_head=False`` for losses that need every logit; ``compute_loss_func`` and label
+smoothing take the full logits anyway). TRL's ``SFTTrainer`` has its own fused head for this.
+
 ``OrchMoETrainer`` is ``transformers.Trainer`` with it; ``OrchMoESFTTrainer`` is TRL's ``SFTTrainer`` with it (when
 TRL is installed). For any other trainer: ``class MyTrainer(OrchMoETrainerMixin, TheirTrainer)``. Gradient
 checkpointing, bf16/fp16 and ``torchrun`` / ``accelerate launch`` work as with LoRA.
@@ -24,8 +29,9 @@ import torch
 from torch import nn
 from transformers import Trainer, TrainerCallback
 
+from .head import supervised_loss_sum
 from .tuner.access import get_tuner
-from .tuner.model import OrchMoEModel
+from .tuner.model import OrchMoEModel, causal_routing_mask
 from .tuner.router import SkillRouter
 
 
@@ -167,8 +173,37 @@ class OrchMoETrainerMixin:
         return (loss, outputs) if return_outputs else loss
 
 
-class OrchMoETrainer(OrchMoETrainerMixin, Trainer):
-    """``transformers.Trainer`` for OrchMoE models (and any other model, unchanged)."""
+class SupervisedHeadMixin:
+    """``Trainer.compute_loss`` in training with the output head on the supervised positions only (same loss, same
+    normalisation over ``num_items_in_batch`` and processes, same gradients)."""
+
+    def __init__(self, *args: Any, supervised_head: bool = True, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.supervised_head = supervised_head
+
+    def compute_loss(
+        self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool = False, num_items_in_batch: Any = None
+    ) -> Any:
+        unwrapped = self.accelerator.unwrap_model(model)
+        plain = self.label_smoother is None and self.compute_loss_func is None
+        if not (self.supervised_head and plain and unwrapped.training and inputs.get("labels") is not None):
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch=num_items_in_batch)
+        inputs = dict(inputs)
+        labels = inputs.pop("labels")
+        encoder_decoder = bool(getattr(unwrapped.config, "is_encoder_decoder", False))
+        if is_orchmoe(unwrapped) and not encoder_decoder:  # the prompt, as the model derives it from labels
+            inputs["routing_mask"] = causal_routing_mask({**inputs, "labels": labels}, inputs.get("routing_mask"), True)
+        loss_sum, n_tokens, outputs = supervised_loss_sum(model, labels, encoder_decoder, **inputs)
+        scaled = self.model_accepts_loss_kwargs and num_items_in_batch is not None  # as Trainer normalises it
+        loss = loss_sum / (num_items_in_batch if scaled else n_tokens.clamp(min=1))
+        if scaled and self.args.average_tokens_across_devices:
+            loss = loss * (self.accelerator.num_processes // self.get_tp_size())
+        return (loss, outputs) if return_outputs else loss
+
+
+class OrchMoETrainer(OrchMoETrainerMixin, SupervisedHeadMixin, Trainer):
+    """``transformers.Trainer`` for OrchMoE models (and any other model): routers' lr, router loss, relaxation
+    schedule, and the output head on supervised positions only."""
 
 
 def __getattr__(name: str) -> Any:
