@@ -8,7 +8,7 @@ Decoder-only layout, one row per example (prompts left-padded, targets right-pad
     labels         [-100 ...      -100 | t1 t2 eos -100]   loss on the target only
 
 Every prompt ends at the same column, so the target tokens of the whole batch sit in the last ``target_width``
-columns: the loss needs logits for those positions only (``logits_to_keep``), never for the prompt.
+columns; the loss computes the output head at the supervised positions only (``orchmoe.head``), never the prompt's.
 Encoder-decoder models get right-padded prompts as encoder input and the targets as labels.
 """
 

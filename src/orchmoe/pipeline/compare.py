@@ -76,11 +76,7 @@ def _plots(out: Path, results: dict[str, Any]) -> list[str]:
     logs = {m: [json.loads(line) for line in (out / m / LOG_FILE).read_text().splitlines()] for m in results}
     plots.loss_curves(logs, out / "loss.png")
     if "orchmoe" in results:
-        allocation = plots.learned_allocation(out / "orchmoe" / "adapter")
-        plots.heatmap(
-            allocation, [f"task {t}" for t in range(allocation.shape[0])], [str(s) for s in range(allocation.shape[1])],
-            "learned task-skill allocation (mean over modules)", "skill", out / "allocation.png",
-        )  # fmt: skip
+        plots.allocation_figure(out / "orchmoe" / "adapter", out / "allocation.png")
         rows, matrix = [], []
         for name in ("seen", "unseen"):
             by_task = results["orchmoe"].get(name, {}).get("task_weights_by_task", {})

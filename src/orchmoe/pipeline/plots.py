@@ -39,8 +39,8 @@ def rouge_bars(results: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
-def learned_allocation(adapter_dir: Path) -> np.ndarray:
-    """The eval-time task-skill allocation z = relax(Z / tau), averaged over modules: (T, S)."""
+def learned_allocations(adapter_dir: Path) -> np.ndarray:
+    """The eval-time task-skill allocation z = relax(Z / tau) of every module: (M, T, S)."""
     config = json.loads((adapter_dir / "adapter_config.json").read_text())
     fields = {k: v for k, v in config.items() if k in OrchMoEConfig.__dataclass_fields__ and k != "peft_type"}
     router = SkillRouter(OrchMoEConfig(**fields))
@@ -53,7 +53,31 @@ def learned_allocation(adapter_dir: Path) -> np.ndarray:
                 allocations.append(router.allocation(stochastic=False).numpy())
     if not allocations:
         raise ValueError(f"{adapter_dir}: no OrchMoE allocation logits found.")
-    return np.mean(allocations, axis=0)
+    return np.stack(allocations)
+
+
+def allocation_figure(adapter_dir: Path, path: Path) -> float:
+    """The allocation averaged over modules, coloured by its deviation from uniform (white = 1/S, so a flat
+    allocation shows as a blank block), titled with the mean total-variation distance from uniform of the modules'
+    rows (before averaging, so that modules pulling in opposite directions do not cancel); returns that distance."""
+    z = learned_allocations(adapter_dir)  # (M, T, S)
+    uniform = 1.0 / z.shape[-1]
+    tv = float((0.5 * np.abs(z - uniform).sum(-1)).mean())
+    mean = z.mean(axis=0)  # (T, S)
+    # at least +-1/(2S): deviations too small to matter stay white instead of being stretched over the colour range
+    spread = max(float(np.abs(mean - uniform).max()), 0.5 * uniform)
+    fig, ax = plt.subplots(figsize=(5.0 + 0.4 * mean.shape[1], 1.5 + 0.35 * mean.shape[0]))
+    image = ax.imshow(mean, cmap="RdBu_r", aspect="auto", vmin=uniform - spread, vmax=uniform + spread)
+    ax.set_xticks(range(mean.shape[1]), [str(s) for s in range(mean.shape[1])])
+    ax.set_yticks(range(mean.shape[0]), [f"task {t}" for t in range(mean.shape[0])], fontsize=7)
+    ax.set_xlabel("skill")
+    title = f"task-skill allocation, mean over {z.shape[0]} modules (white = uniform 1/{z.shape[-1]})\n"
+    ax.set_title(title + f"distance from uniform: mean TV {tv:.4f} (0 = OrchMoE is a LoRA of rank S*r)", fontsize=9)
+    fig.colorbar(image, ax=ax, fraction=0.04)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return tv
 
 
 def heatmap(matrix: np.ndarray, rows: list[str], cols: list[str], title: str, xlabel: str, path: Path) -> None:
