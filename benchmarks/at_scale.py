@@ -4,7 +4,7 @@
     python benchmarks/at_scale.py run --data-dir ../shared/sni-full --protocol families   # the next runs, in order
     python benchmarks/at_scale.py run --data-dir ../shared/sni-full --only orchmoe-lr0.003-seed0
     python benchmarks/at_scale.py plan --protocol families                                 # what is done, what is next
-    python benchmarks/at_scale.py report                                                   # tables from the results
+    python benchmarks/at_scale.py park                                                     # carry unfinished runs
 
 Each run trains (checkpointed every ``checkpoint_every`` steps, resumed from its last checkpoint when interrupted),
 is tested (seen, held-out and unseen tasks) and validated, and its ``config.json``, ``data.json``, ``metrics.json``,

@@ -18,7 +18,7 @@ from torch import nn
 from ..training import RelaxationSchedule, set_relaxation
 from ..tuner import OrchMoEConfig
 from ..tuner.access import get_tuner
-from ..tuner.router import SkillRouter
+from ..tuner.router import SkillRouter, distance_from_uniform
 from .config import RunConfig
 
 PARITY_TOLERANCE = 0.02
@@ -146,7 +146,7 @@ def allocation_distance(model: nn.Module) -> float:
     abstract task gets the same, uniform skill mix, i.e. OrchMoE computes a LoRA of rank S*r)."""
     with torch.no_grad():
         z = torch.stack([m.allocation(stochastic=False) for m in model.modules() if isinstance(m, SkillRouter)])
-        return (0.5 * (z - 1.0 / z.shape[-1]).abs().sum(-1)).mean().item()  # (M, T, S) -> scalar
+        return distance_from_uniform(z).item()  # (M, T, S) -> scalar
 
 
 METHOD_OBJECTS: dict[str, Method] = {

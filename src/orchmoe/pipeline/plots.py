@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from ..tuner import OrchMoEConfig, SkillRouter
+from ..tuner.router import distance_from_uniform
 
 METRIC_LABELS = {"rouge1": "ROUGE-1", "rougeL": "ROUGE-L", "rougeLsum": "ROUGE-Lsum", "exact_match": "EM"}
 
@@ -62,7 +63,7 @@ def allocation_figure(adapter_dir: Path, path: Path) -> float:
     rows (before averaging, so that modules pulling in opposite directions do not cancel); returns that distance."""
     z = learned_allocations(adapter_dir)  # (M, T, S)
     uniform = 1.0 / z.shape[-1]
-    tv = float((0.5 * np.abs(z - uniform).sum(-1)).mean())
+    tv = float(distance_from_uniform(torch.from_numpy(z)))
     mean = z.mean(axis=0)  # (T, S)
     # at least +-1/(2S): deviations too small to matter stay white instead of being stretched over the colour range
     spread = max(float(np.abs(mean - uniform).max()), 0.5 * uniform)

@@ -100,10 +100,11 @@ def train(cfg: RunConfig, out: Path, resume: bool = False, overwrite: bool = Fal
                disable=not (progress and run.main))  # fmt: skip
     began, bad_streak, step = time.time(), 0, run.start
     for step in range(run.start + 1, run.steps + 1):
-        skipped = train_step(run, step, logged=step % cfg.log_every == 0 or step == run.steps)
+        logged = step % cfg.log_every == 0 or step == run.steps
+        skipped = train_step(run, step, logged=logged)
         bad_streak = bad_streak + 1 if skipped else 0
         bar.update(1)
-        if skipped or step % cfg.log_every == 0 or step == run.steps:
+        if skipped or logged:
             entry = log_step(run, step, skipped, began)
             bar.set_postfix(loss=f"{entry.get('loss', float('nan')):.3f}")
         if bad_streak >= cfg.nan_patience:  # after the skipped step is logged

@@ -101,6 +101,12 @@ def relax(logits: torch.Tensor, temperature: float, stochastic: bool, noise_scal
     return (logits / temperature).softmax(dim=-1)  # (..., T, S)
 
 
+def distance_from_uniform(z: torch.Tensor) -> torch.Tensor:
+    """Mean total-variation distance of allocation rows z (..., S) from the uniform 1/S: 0 when every abstract task
+    gets the same, uniform skill mix (OrchMoE then computes a LoRA of rank S*r): (..., S) -> scalar."""
+    return (0.5 * (z - 1.0 / z.shape[-1]).abs().sum(-1)).mean()
+
+
 class SkillRouter(nn.Module):
     """Task-Skill Allocation: a learnable matrix Z (T x S), relaxed with Gumbel noise while training.
 
