@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: test lint install compare clean
+.PHONY: test lint install compare clean test-wheel
 
 $(BIN)/activate:
 	$(PYTHON) -m venv $(VENV)
@@ -19,6 +19,7 @@ install: $(VENV)/.installed
 lint: install
 	$(BIN)/ruff check src tests benchmarks examples
 	$(BIN)/ruff format --check src tests benchmarks examples
+	$(BIN)/lint-imports --no-cache
 
 # the README's main job: OrchMoE, LoRA, Poly and MHR on the built-in suite with the default model
 compare: install
@@ -26,6 +27,19 @@ compare: install
 
 test: install lint
 	$(BIN)/python -m pytest -q tests
+	$(MAKE) test-wheel
+
+# `pip install orchmoe` as a peft user gets it: a wheel built from the checkout, installed in a fresh environment with
+# the core requirements only; the tuner's tests run against that installed copy (the checkout's src/ is not on the path)
+CORE_VENV := build/core-venv
+test-wheel: install
+	rm -rf build/wheel $(CORE_VENV)
+	$(BIN)/pip wheel --quiet --no-deps --no-build-isolation --wheel-dir build/wheel .
+	$(PYTHON) -m venv $(CORE_VENV)
+	$(CORE_VENV)/bin/pip install --quiet torch==2.13.0
+	$(CORE_VENV)/bin/pip install --quiet build/wheel/orchmoe-*.whl pytest
+	$(CORE_VENV)/bin/python -c "import orchmoe; assert 'site-packages' in orchmoe.__file__, orchmoe.__file__"
+	$(CORE_VENV)/bin/python -m pytest -q -p no:cacheprovider tests/tuner tests/test_init.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info

@@ -35,7 +35,7 @@ def main() -> None:
     encoded, _ = encode(selection.train, loaded.tokenizer, cfg.max_input_tokens, cfg.max_target_tokens)
     model = build(cfg.method, loaded.model, cfg, len(selection.train_tasks))
     model.train()
-    groups = optimizer_groups(model, cfg.learning_rate, cfg.router_lr_multiplier, cfg.weight_decay, cfg.allocation_lr)
+    groups = optimizer_groups(method_of(cfg.method), model, cfg)
     optimizer = torch.optim.AdamW(groups)
     collate = Collator(loaded.tokenizer.pad_token_id, loaded.is_encoder_decoder)
     order = batch_order(len(encoded), cfg.batch_size, total_steps(cfg, len(encoded)), cfg.seed)
@@ -44,9 +44,7 @@ def main() -> None:
         kwargs = method_of(cfg.method).model_inputs(batch, selection.task_index)
         loss_sum, n_tokens = lm_loss(model, batch, kwargs, loaded.is_encoder_decoder)
         loss = loss_sum / n_tokens
-        routing = method_of(cfg.method).routing_log(model)
-        aux = torch.zeros(()) if routing is None else routing["aux"]
-        (loss + aux).backward()
+        method_of(cfg.method).add_router_loss(model, loss).backward()
         norms = {
             g["name"]: torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in g["params"] if p.grad is not None]))
             for g in groups

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 import orchmoe
-from orchmoe import metrics
+from orchmoe.pipeline import metrics
 from orchmoe.pipeline.common import make_selection
 from orchmoe.pipeline.evaluate import generate, load_trained
 

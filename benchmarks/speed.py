@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from orchmoe.models import load_model
 from orchmoe.pipeline.config import RunConfig
-from orchmoe.pipeline.methods import build, count_parameters
+from orchmoe.pipeline.methods import build, count_parameters, method_of
 
 METHODS = ("base", "lora", "orchmoe", "poly", "mhr")
 
@@ -148,7 +148,7 @@ def build_all(model_name: str, cfg: RunConfig, methods: tuple[str, ...], device:
         model = copy.deepcopy(base).requires_grad_(False)  # the base stays frozen; adapters bring their own params
         if method != "base":
             model = build(method, model, cfg, n_train_tasks=10)
-            params[method] = count_parameters(model).__dict__
+            params[method] = count_parameters(method_of(method), model).__dict__
         benches[method] = Bench(method, model, batch, target)
     return benches, params, base
 
@@ -175,7 +175,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--skills", type=int, default=8)
-    parser.add_argument("--rank", type=int, default=2)
+    parser.add_argument("--r", type=int, default=2)
     parser.add_argument("--abstract-tasks", type=int, default=4)
     parser.add_argument("--sweep", action="store_true", help="also step time / memory against S and T")
     parser.add_argument("--memory-only", action="store_true",
@@ -192,7 +192,7 @@ def main() -> None:
     cfg = RunConfig(
         model=args.model,
         n_skills=args.skills,
-        rank=args.rank,
+        r=args.r,
         n_abstract_tasks=args.abstract_tasks,
     )
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
@@ -247,7 +247,7 @@ def sweep(args: argparse.Namespace, device: torch.device, batch) -> dict:
     points = [("skills", "S", s, s, args.abstract_tasks) for s in args.sweep_skills]
     points += [("tasks", "T", t, args.skills, t) for t in args.sweep_tasks]
     for key, letter, x, n_skills, n_tasks in points:
-        cfg = RunConfig(model=args.model, n_skills=n_skills, rank=args.rank, n_abstract_tasks=n_tasks)
+        cfg = RunConfig(model=args.model, n_skills=n_skills, r=args.r, n_abstract_tasks=n_tasks)
         benches, _, _ = build_all(args.model, cfg, ("lora", "orchmoe"), device, batch, args.target)
         times = {} if args.memory_only else measure(benches, Bench.train_step, max(2, args.repeats // 2), 1, device)
         results[key][x] = {m: {"step_s": times.get(m), "memory_bytes": benches[m].train_memory(device)}

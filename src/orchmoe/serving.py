@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .pipeline.export import export_lora
+from .export import export_lora
 from .tuner.access import get_tuner
 from .tuner.config import OrchMoEConfig
 from .tuner.router import TaskRouter

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 from transformers import Trainer, TrainerCallback
 
+from ._extras import require
 from .head import supervised_loss_sum
 from .tuner.access import get_tuner
 from .tuner.model import OrchMoEModel, causal_routing_mask
@@ -52,6 +53,13 @@ class RelaxationSchedule:
     @property
     def active(self) -> bool:
         return self.temperature_end is not None or self.noise_scale_end is not None
+
+    def apply(self, model: nn.Module, temperature: float, step: int, total_steps: int) -> None:
+        """Set ``model``'s relaxation for the optimizer step after ``step`` of ``total_steps`` steps done (the first
+        step at progress 0, the last at 1), from the start ``temperature``: the one schedule every trainer runs."""
+        if self.active:
+            progress = min(1.0, step / max(1, total_steps - 1))
+            set_relaxation(model, **self.at(temperature, progress))
 
     def at(self, temperature: float, progress: float) -> dict[str, float | None]:
         """The settings at ``progress`` in [0, 1] of training, from the start ``temperature``."""
@@ -81,26 +89,47 @@ def is_orchmoe(model: nn.Module) -> bool:
     return isinstance(getattr(model, "base_model", None), OrchMoEModel) or isinstance(model, OrchMoEModel)
 
 
-def router_parameter_groups(
-    model: nn.Module, lr: float, weight_decay: float, decay_names: Iterable[str] | None = None
+def parameter_groups(
+    model: nn.Module,
+    routers: dict[str, list[nn.Parameter]],
+    lr: float,
+    weight_decay: float,
+    router_lr_multiplier: float = 1.0,
+    allocation_lr: float | None = None,
+    decay_names: Iterable[str] | None = None,
 ) -> list[dict[str, Any]]:
-    """Optimizer groups for an OrchMoE model: trainable non-router parameters at ``lr`` (weight decay on
-    ``decay_names``, all of them when None), router parameters at ``lr * router_lr_multiplier`` without decay."""
-    tuner = get_tuner(model)
-    multiplier = tuner.peft_config[tuner._adapter].router_lr_multiplier
-    routers = {id(p) for p in tuner.router_parameters()}
+    """Optimizer groups of any adapted model: trainable parameters at ``lr`` (weight decay on ``decay_names``, all
+    of them when None), except the ``routers`` (by kind, e.g. ``OrchMoEModel.router_parameters_by_kind()``, selected
+    by identity) at ``lr * router_lr_multiplier`` without decay, and the ``allocation`` kind at ``allocation_lr``
+    when it is given (an absolute value, as mttl's ``module_logits_learning_rate``)."""
+    kind = {id(p): k for k, params in routers.items() for p in params}
     decay = None if decay_names is None else set(decay_names)
     groups: dict[str, dict[str, Any]] = {
         "adapters": {"params": [], "lr": lr, "weight_decay": weight_decay},
         "adapters_no_decay": {"params": [], "lr": lr, "weight_decay": 0.0},
-        "routers": {"params": [], "lr": lr * multiplier, "weight_decay": 0.0},
+        "routers": {"params": [], "lr": lr * router_lr_multiplier, "weight_decay": 0.0},
+        "allocation": {"params": [], "lr": allocation_lr, "weight_decay": 0.0},
     }
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        key = "routers" if id(p) in routers else "adapters" if decay is None or name in decay else "adapters_no_decay"
+        if id(p) in kind:
+            key = "allocation" if allocation_lr is not None and kind[id(p)] == "allocation" else "routers"
+        else:
+            key = "adapters" if decay is None or name in decay else "adapters_no_decay"
         groups[key]["params"].append(p)
     return [{**group, "name": key} for key, group in groups.items() if group["params"]]
+
+
+def router_parameter_groups(
+    model: nn.Module, lr: float, weight_decay: float, decay_names: Iterable[str] | None = None
+) -> list[dict[str, Any]]:
+    """:func:`parameter_groups` of an OrchMoE model, the routers at its config's ``router_lr_multiplier``."""
+    tuner = get_tuner(model)
+    multiplier = tuner.peft_config[tuner._adapter].router_lr_multiplier
+    return parameter_groups(
+        model, tuner.router_parameters_by_kind(), lr, weight_decay, multiplier, decay_names=decay_names
+    )
 
 
 class RelaxationCallback(TrainerCallback):
@@ -116,8 +145,7 @@ class RelaxationCallback(TrainerCallback):
         tuner = get_tuner(model)
         if self.start is None:
             self.start = tuner.peft_config[tuner._adapter].temperature
-        progress = state.global_step / max(1, state.max_steps - 1)
-        set_relaxation(model, **self.schedule.at(self.start, min(1.0, progress)))
+        self.schedule.apply(model, self.start, state.global_step, state.max_steps)
 
 
 class OrchMoETrainerMixin:
@@ -169,7 +197,7 @@ class OrchMoETrainerMixin:
             tuner.add_router_loss_to_output = True
         loss, outputs = result if return_outputs else (result, None)
         steps = self.current_gradient_accumulation_steps if num_items_in_batch is not None else 1
-        loss = loss + tuner.router_aux_loss() / steps
+        loss = tuner.add_router_loss(loss, steps)
         return (loss, outputs) if return_outputs else loss
 
 
@@ -208,6 +236,7 @@ class OrchMoETrainer(OrchMoETrainerMixin, SupervisedHeadMixin, Trainer):
 
 def __getattr__(name: str) -> Any:
     if name == "OrchMoESFTTrainer":  # only when TRL is installed
+        require("trl", "orchmoe.OrchMoESFTTrainer")
         from trl import SFTTrainer
 
         trainer = type(

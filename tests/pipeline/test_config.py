@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 
 from orchmoe.cli import _flags, build_parser
+from orchmoe.pipeline.common import read_run_config
 from orchmoe.pipeline.config import RunConfig, read_config_file, resolve
 
 
@@ -74,3 +76,19 @@ def test_bad_config_files(tmp_path: Path, body: str, suffix: str, match: str) ->
 def test_impossible_run_configs(options: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         resolve(options)
+
+
+@pytest.mark.parametrize(
+    ("saved", "expected"),
+    [
+        ({"method": "lora", "rank": 3}, {"method": "lora", "r": 3}),  # an earlier version's config.json
+        ({"method": "lora", "r": 3}, {"method": "lora", "r": 3}),
+    ],
+)
+def test_saved_configs_of_earlier_versions_load(tmp_path: Path, saved: dict, expected: dict) -> None:
+    options = {k: v for k, v in RunConfig().to_dict().items() if k != "r"} | saved
+    (tmp_path / "config.json").write_text(json.dumps(options))
+    cfg = read_run_config(tmp_path)
+    assert {k: getattr(cfg, k) for k in expected} == expected
+    (tmp_path / "run.yaml").write_text("".join(f"{k}: {v}\n" for k, v in saved.items()))
+    assert {k: getattr(resolve({}, tmp_path / "run.yaml"), k) for k in expected} == expected

@@ -7,8 +7,8 @@ from peft import PeftModel
 
 import orchmoe
 from orchmoe.cli import main
+from orchmoe.export import lora_from_routing
 from orchmoe.models import tiny_model
-from orchmoe.pipeline.export import lora_from_routing
 from tests.conftest import VOCAB, inputs, make_peft
 
 

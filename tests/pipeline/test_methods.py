@@ -8,7 +8,7 @@ import torch
 from orchmoe import get_tuner
 from orchmoe.models import tiny_model
 from orchmoe.pipeline.config import RunConfig
-from orchmoe.pipeline.methods import build, optimizer_groups
+from orchmoe.pipeline.methods import build, method_of, optimizer_groups
 
 LR, MULT, ALLOC = 1e-3, 10.0, 0.1
 
@@ -25,9 +25,10 @@ LR, MULT, ALLOC = 1e-3, 10.0, 0.1
     ],
 )
 def test_optimizer_groups(method: str, allocation_lr: float | None, expected: dict[str, float]) -> None:
-    cfg = RunConfig(method=method, model="tiny-gemma3", n_skills=4, rank=2, n_abstract_tasks=3)
+    cfg = RunConfig(method=method, model="tiny-gemma3", n_skills=4, r=2, n_abstract_tasks=3, lr=LR,
+                    router_lr_multiplier=MULT, weight_decay=0.01, allocation_lr=allocation_lr)  # fmt: skip
     model = build(method, tiny_model("tiny-gemma3", vocab_size=128, seed=0), cfg, n_train_tasks=3)
-    groups = optimizer_groups(model, LR, MULT, weight_decay=0.01, allocation_lr=allocation_lr)
+    groups = optimizer_groups(method_of(method), model, cfg)
     assert {g["name"]: g["lr"] for g in groups} == expected
     names = {id(p): n for n, p in model.named_parameters() if p.requires_grad}
     grouped = [id(p) for g in groups for p in g["params"]]
@@ -50,7 +51,7 @@ def test_allocation_lr_must_be_positive() -> None:
 @pytest.mark.parametrize(("ablation", "frozen"), [("uniform_task_router", "orchmoe_task_router"),
                                                   ("uniform_skill_router", "orchmoe_skill_router")])  # fmt: skip
 def test_router_ablations_route_uniformly_in_training_too(ablation: str, frozen: str) -> None:
-    cfg = RunConfig(method="orchmoe", model="tiny-gemma3", n_skills=4, rank=2, n_abstract_tasks=3, **{ablation: True})
+    cfg = RunConfig(method="orchmoe", model="tiny-gemma3", n_skills=4, r=2, n_abstract_tasks=3, **{ablation: True})
     model = build("orchmoe", tiny_model("tiny-gemma3", vocab_size=128, seed=0), cfg, n_train_tasks=3).train()
     assert not any(p.requires_grad for n, p in model.named_parameters() if frozen in n)
     assert any(p.requires_grad for n, p in model.named_parameters() if "orchmoe_" in n and frozen not in n)

@@ -198,23 +198,6 @@ def test_explicit_task_weights_override_the_task_router() -> None:
         model(**batch, task_weights=torch.ones(2, 5))
 
 
-def test_no_routing_outlives_its_call(arch: str) -> None:
-    """After generate, an eval forward, or a training step (forward + backward), the model holds no routing."""
-    model = make_peft(arch).train()
-    tuner = orchmoe.get_tuner(model)
-    batch = {**inputs(batch=4), **seq2seq_extra(arch, 4)}
-    labels = prompt_labels(batch["input_ids"]) if arch == "tiny-gemma3" else batch["decoder_input_ids"]
-    model(**batch, labels=labels).loss.backward()
-    assert tuner.routing_slot.get() is None
-    with pytest.raises(RuntimeError, match="keeps no routing"):
-        tuner.router_aux_loss()
-    model.eval()
-    with torch.no_grad():
-        model.generate(**inputs(batch=3, seed=4), max_new_tokens=3, do_sample=False, pad_token_id=0)
-        model(**batch)
-    assert tuner.routing_slot.get() is None
-
-
 @pytest.mark.parametrize(
     ("given", "prompt"),
     [

@@ -197,7 +197,6 @@ def test_torch_compile_matches_eager(arch: str) -> None:
 def test_merge_is_refused_with_the_way_out(arch: str) -> None:
     with pytest.raises(ValueError, match=r"orchmoe\.export_lora"):
         make_peft(arch).merge_and_unload()
-    assert callable(orchmoe.export_lora)
 
 
 def gradients(model: torch.nn.Module, arch: str) -> dict[str, torch.Tensor]:

@@ -12,6 +12,7 @@ import random
 from pathlib import Path
 from typing import Any
 
+from .._extras import require
 from .sni import Example, Selection, SNIDataError
 
 DEFAULT_TASK = "data"
@@ -20,6 +21,7 @@ DEFAULT_TASK = "data"
 def _records(path: Path) -> list[tuple[str, Any]]:
     """(row label, raw record) of every row in ``path``."""
     if path.is_dir():
+        require("harness", f"Reading the datasets directory {path}")
         from datasets import load_from_disk
 
         data = load_from_disk(str(path))

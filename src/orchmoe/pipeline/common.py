@@ -75,7 +75,7 @@ def read_run_config(run: Path) -> RunConfig:
     path = run / CONFIG_FILE
     if not path.is_file():
         raise RunDirError(f"{run}: not a run directory (no {CONFIG_FILE}); train one with `orchmoe train`.")
-    return RunConfig(**json.loads(path.read_text()))
+    return RunConfig.from_dict(json.loads(path.read_text()))
 
 
 def load_base(cfg: RunConfig, seed: int | None = None):

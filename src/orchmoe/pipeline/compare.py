@@ -112,8 +112,8 @@ def _markdown(cfg: RunConfig, results: dict[str, Any], figures: list[str], secon
         "",
         table(results),
         "",
-        f"Parity: LoRA rank {cfg.n_skills * cfg.rank}; OrchMoE, Poly and MHR (n_splits {cfg.n_splits}) with "
-        f"{cfg.n_skills} skills of rank {cfg.rank}. Poly/MHR get the true task id of seen tasks; for unseen tasks "
+        f"Parity: LoRA rank {cfg.n_skills * cfg.r}; OrchMoE, Poly and MHR (n_splits {cfg.n_splits}) with "
+        f"{cfg.n_skills} skills of rank {cfg.r}. Poly/MHR get the true task id of seen tasks; for unseen tasks "
         "they use the average of their trained task rows.",
     ]
     if "orchmoe" in results:

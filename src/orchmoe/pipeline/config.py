@@ -52,13 +52,12 @@ class RunConfig:
     lr: float | None = field(
         default=None,
         metadata={
-            "help": "Learning rate of the adapters; default: the method's validated one (OrchMoE, LoRA, MHR 3e-3, "
-            "Poly 1e-2: BENCHMARKS.md, per-method learning rate on sni-10)."
+            "help": "Learning rate of the adapters; default: the method's own (OrchMoE, LoRA, MHR 3e-3, Poly 1e-2)."
         },
     )
     router_lr_multiplier: float = field(
         default=1.0,
-        metadata={"help": "Router learning rate / adapter lr (1: validated on sni-10 against 10, BENCHMARKS.md)."},
+        metadata={"help": "Learning rate of the routers relative to the adapters' (OrchMoE, Poly, MHR)."},
     )
     allocation_lr: float | None = field(
         default=None,
@@ -72,7 +71,7 @@ class RunConfig:
     schedule: str = field(default="linear", metadata={"help": "linear (decay to 0) or constant."})
     max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping (0 = off)."})
     n_skills: int = field(default=8, metadata={"help": "Skills S per module (OrchMoE, Poly, MHR)."})
-    rank: int = field(default=2, metadata={"help": "Rank r of one skill; LoRA gets rank S*r."})
+    r: int = field(default=2, metadata={"help": "Rank r of one skill; LoRA gets rank S*r."})
     n_abstract_tasks: int = field(default=4, metadata={"help": "OrchMoE abstract tasks T."})
     n_splits: int = field(default=4, metadata={"help": "MHR heads (Poly has 1)."})
     lora_alpha: float = field(default=16.0, metadata={"help": "LoRA alpha for LoRA and OrchMoE."})
@@ -101,7 +100,7 @@ class RunConfig:
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ValueError(f"--method must be one of {METHODS}, got {self.method!r}.")
-        for name in ("n_train", "n_test", "batch_size", "grad_accum", "eval_batch_size", "n_skills", "rank"):
+        for name in ("n_train", "n_test", "batch_size", "grad_accum", "eval_batch_size", "n_skills", "r"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}.")
         if self.batch_size % self.grad_accum:
@@ -123,15 +122,21 @@ class RunConfig:
         if self.allocation_lr is not None and self.allocation_lr <= 0:
             raise ValueError(f"--allocation-lr must be > 0 (or unset), got {self.allocation_lr}.")
 
-    @property
-    def learning_rate(self) -> float:
-        """``lr``, or the method's validated learning rate."""
-        from .methods import method_of
-
-        return self.lr if self.lr is not None else method_of(self.method).validated_lr
-
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, options: dict[str, Any]) -> RunConfig:
+        """A saved ``config.json``, also of earlier versions (their option names renamed)."""
+        return cls(**upgrade(options))
+
+
+RENAMED = {"rank": "r"}  # earlier versions' option names -> today's (the same meaning)
+
+
+def upgrade(options: dict[str, Any]) -> dict[str, Any]:
+    """Saved options with earlier versions' names renamed, so old runs load, resume and compare equal."""
+    return {RENAMED.get(k, k): v for k, v in options.items()}
 
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -163,7 +168,7 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
         raise ValueError(f"{path}: cannot parse config file: {err}") from None
     if not isinstance(data, dict):
         raise ValueError(f"{path}: a config file must map option names to values.")
-    options = {str(k).replace("-", "_"): v for k, v in data.items()}
+    options = upgrade({str(k).replace("-", "_"): v for k, v in data.items()})
     unknown = sorted(set(options) - set(FIELDS) - {"preset"})
     if unknown:
         raise ValueError(f"{path}: unknown option(s) {', '.join(unknown)}.")

@@ -13,8 +13,8 @@ from peft import PeftModel
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from .. import metrics
 from ..data import Collator, Example, encode
+from . import metrics
 from .common import load_base, make_selection, read_run_config, write_json
 from .config import RunConfig
 from .methods import method_of
@@ -27,8 +27,6 @@ EXTENDED_METRICS = "extended_metrics.json"
 
 def load_trained(run: Path):
     """(run config, tokenizer, PeftModel in eval mode, loaded base) for a trained run directory."""
-    import orchmoe  # noqa: F401  (registers the method with peft)
-
     cfg = read_run_config(run)
     adapter = run / "adapter"
     if not (adapter / "adapter_config.json").is_file():

@@ -1,15 +1,5 @@
-"""Export one OrchMoE routing as a standard PEFT LoRA adapter.
-
-For a fixed routing, every adapted module computes scaling * sum_j alpha_j B_j A_j x = scaling * B_cat diag(alpha
-(x) 1_r) A_cat x: exactly a LoRA of rank S*r with
-
-    lora_A = diag(repeat(alpha, r)) A_cat    # (S*r, in)
-    lora_B = B_cat                           # (out, S*r)
-    lora_alpha / (S*r) = OrchMoE's scaling
-
-so vLLM / S-LoRA / LoRAX can serve it and ``merge_and_unload`` can merge it. The routing comes from one abstract task
-(one-hot task weights), one prompt, or the average task weights of one task's test prompts (alpha is linear in w).
-"""
+"""`orchmoe export`: one routing of a trained run or adapter directory as a plain peft LoRA adapter
+(``orchmoe.export_lora``), or every abstract task for serving (``orchmoe.serving``)."""
 
 from __future__ import annotations
 
@@ -17,55 +7,16 @@ import shutil
 from pathlib import Path
 
 import torch
-from peft import LoraConfig, PeftModel
+from peft import PeftModel
 
+from ..export import export_lora
 from ..models import load_model
+from ..serving import export_abstract_tasks
 from ..tuner import OrchMoEConfig
 from ..tuner.access import get_tuner
 from .common import CONFIG_FILE, make_selection
 from .evaluate import load_trained
 from .methods import method_of
-
-
-def lora_from_routing(model: PeftModel, task_weights: torch.Tensor) -> tuple[LoraConfig, dict[str, torch.Tensor]]:
-    """(LoraConfig, {module name: (lora_A, lora_B)}) equal to ``model`` routed by ``task_weights`` (1, T)."""
-    tuner = get_tuner(model)
-    adapter = tuner._adapter
-    config: OrchMoEConfig = tuner.peft_config[adapter]
-    alphas = tuner.skill_weights(task_weights.float(), stochastic=False)  # module -> (1, S)
-    weights = {}
-    for name, layer in tuner.orchmoe_layers():
-        a, b = layer.orchmoe_A[adapter], layer.orchmoe_B[adapter]
-        diag = layer.layer_weights(adapter, alphas[name])[0].to(a.dtype)  # (S*r,)
-        weights[name] = (diag[:, None] * a).detach().clone(), b.detach().clone()  # (S*r, in), (out, S*r)
-    lora = LoraConfig(
-        r=config.n_skills * config.r,
-        lora_alpha=config.lora_alpha,
-        target_modules=sorted(weights),
-        task_type=config.task_type,
-        base_model_name_or_path=config.base_model_name_or_path,
-    )
-    return lora, weights
-
-
-def export_lora(model: PeftModel, task_weights: torch.Tensor, out: str | Path) -> Path:
-    """Write ``model`` (OrchMoE) routed by ``task_weights`` (1, T) as a standard peft LoRA adapter directory.
-
-    The model is left as it is; the directory loads with plain peft (``PeftModel.from_pretrained``) and merges with
-    ``merge_and_unload``.
-    """
-    from safetensors.torch import save_file
-
-    lora, weights = lora_from_routing(model, task_weights)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    lora.save_pretrained(out)
-    tensors = {}
-    for name, (a, b) in weights.items():
-        tensors[f"base_model.model.{name}.lora_A.weight"] = a.contiguous()
-        tensors[f"base_model.model.{name}.lora_B.weight"] = b.contiguous()
-    save_file(tensors, out / "adapter_model.safetensors")
-    return out
 
 
 def export_run(
@@ -98,8 +49,6 @@ def export_run(
     if out.exists():
         shutil.rmtree(out)
     if all_abstract_tasks:
-        from ..serving import export_abstract_tasks
-
         return export_abstract_tasks(model, out)
     with torch.no_grad():
         if abstract_task is not None:
@@ -135,8 +84,6 @@ def task_routing(cfg, loaded, model: PeftModel, task: str | None) -> torch.Tenso
 def load_adapter_dir(path: Path, model_name: str | None):
     """(loaded base, PeftModel in eval mode) for an OrchMoE adapter directory."""
     from peft import PeftConfig
-
-    import orchmoe  # noqa: F401  (registers the method with peft)
 
     if not (path / "adapter_config.json").is_file():
         raise FileNotFoundError(

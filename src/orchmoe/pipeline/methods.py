@@ -12,34 +12,29 @@ from typing import Any
 
 import torch
 from peft import LoraConfig, PeftModel, PolyConfig, get_peft_model
-from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+from peft.tuners.poly.router import PolyRouter
 from torch import nn
 
-from ..training import RelaxationSchedule, set_relaxation
+from ..training import RelaxationSchedule, parameter_groups
 from ..tuner import OrchMoEConfig
 from ..tuner.access import get_tuner
 from ..tuner.router import SkillRouter, distance_from_uniform
+from ..tuner.targets import default_target_modules
 from .config import RunConfig
 
 PARITY_TOLERANCE = 0.02
 
 
 def target_modules(model: nn.Module, cfg: RunConfig) -> list[str]:
-    if cfg.target_modules:
-        return list(cfg.target_modules)
-    model_type = model.config.model_type
-    if model_type not in TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING:
-        raise ValueError(f"No default target modules for model type {model_type!r}; pass --target-modules.")
-    return list(TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING[model_type])
+    """``--target-modules``, else the tuner's defaults (the same for every method)."""
+    return list(cfg.target_modules) if cfg.target_modules else default_target_modules(model)
 
 
 class Method:
     """What one method does differently in the harness; everything else is shared. One instance per method."""
 
     name: str
-    # the learning rate its validation split chose on sni-10 (BENCHMARKS.md, "The learning-rate grid extended to
-    # 1e-2": grid {1e-3, 3e-3, 1e-2}, validation ROUGE-L of the training tasks, Gemma 3 270M)
-    validated_lr: float
+    validated_lr: float  # the default learning rate, chosen on validation (BENCHMARKS.md)
 
     def peft_config(self, targets: list[str], task_type: str, cfg: RunConfig, n_train_tasks: int):
         raise NotImplementedError
@@ -51,8 +46,17 @@ class Method:
         """The keyword arguments its model gets: never the task names."""
         return {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
 
-    def step_begin(self, model: nn.Module, cfg: RunConfig, progress: float) -> None:
-        """Before the optimizer step at ``progress`` in [0, 1] of training."""
+    def routers(self, model: nn.Module) -> dict[str, list[nn.Parameter]]:
+        """Its router parameters by kind (``task_router``, ``allocation``), the objects themselves; the rest of the
+        trainable parameters are adapters."""
+        return {}
+
+    def step_begin(self, model: nn.Module, cfg: RunConfig, step: int, total_steps: int) -> None:
+        """Before the optimizer step after ``step`` of ``total_steps`` steps done."""
+
+    def add_router_loss(self, model: nn.Module, loss: torch.Tensor) -> torch.Tensor:
+        """The training loss of a micro-batch with the method's router objective, if it has one."""
+        return loss
 
     def routing_log(self, model: nn.Module) -> dict[str, torch.Tensor] | None:
         """Routing statistics of the forward just run (before its backward), for the training log."""
@@ -74,7 +78,7 @@ class LoRA(Method):
     name, validated_lr = "lora", 3e-3
 
     def peft_config(self, targets: list[str], task_type: str, cfg: RunConfig, n_train_tasks: int):
-        return LoraConfig(r=cfg.n_skills * cfg.rank, lora_alpha=cfg.lora_alpha, target_modules=targets,
+        return LoraConfig(r=cfg.n_skills * cfg.r, lora_alpha=cfg.lora_alpha, target_modules=targets,
                           task_type=task_type)  # fmt: skip
 
 
@@ -86,7 +90,7 @@ class Poly(Method):
         self.name, self.validated_lr, self.multi_head = name, validated_lr, multi_head
 
     def peft_config(self, targets: list[str], task_type: str, cfg: RunConfig, n_train_tasks: int):
-        return PolyConfig(r=cfg.rank, n_skills=cfg.n_skills, n_splits=cfg.n_splits if self.multi_head else 1,
+        return PolyConfig(r=cfg.r, n_skills=cfg.n_skills, n_splits=cfg.n_splits if self.multi_head else 1,
                           n_tasks=n_train_tasks + 1, target_modules=targets, task_type=task_type)  # fmt: skip
 
     def model_inputs(self, batch: dict[str, Any], task_index: dict[str, int]) -> dict[str, Any]:
@@ -94,6 +98,9 @@ class Poly(Method):
         ids = [task_index.get(t, len(task_index)) for t in batch["task"]]  # unseen: the extra row
         kwargs["task_ids"] = torch.tensor(ids, device=batch["input_ids"].device)
         return kwargs
+
+    def routers(self, model: nn.Module) -> dict[str, list[nn.Parameter]]:
+        return {"allocation": [p for m in model.modules() if isinstance(m, PolyRouter) for p in m.parameters()]}
 
     def finish(self, model: PeftModel, n_train_tasks: int) -> None:
         set_unseen_task_row(model, n_train_tasks)
@@ -104,7 +111,7 @@ class OrchMoE(Method):
 
     def peft_config(self, targets: list[str], task_type: str, cfg: RunConfig, n_train_tasks: int):
         return OrchMoEConfig(
-            r=cfg.rank, n_skills=cfg.n_skills, n_abstract_tasks=cfg.n_abstract_tasks, lora_alpha=cfg.lora_alpha,
+            r=cfg.r, n_skills=cfg.n_skills, n_abstract_tasks=cfg.n_abstract_tasks, lora_alpha=cfg.lora_alpha,
             target_modules=targets, task_type=task_type, temperature=cfg.temperature,
             router_mi_weight=cfg.router_mi_weight, router_lr_multiplier=cfg.router_lr_multiplier,
         )  # fmt: skip
@@ -118,16 +125,20 @@ class OrchMoE(Method):
             kwargs["routing_mask"] = batch["routing_mask"]
         return kwargs
 
-    def step_begin(self, model: nn.Module, cfg: RunConfig, progress: float) -> None:
-        schedule = RelaxationSchedule(cfg.temperature_end, cfg.noise_scale_end)
-        if schedule.active:
-            set_relaxation(model, **schedule.at(cfg.temperature, progress))
+    def routers(self, model: nn.Module) -> dict[str, list[nn.Parameter]]:
+        return get_tuner(model).router_parameters_by_kind()
+
+    def step_begin(self, model: nn.Module, cfg: RunConfig, step: int, total_steps: int) -> None:
+        RelaxationSchedule(cfg.temperature_end, cfg.noise_scale_end).apply(model, cfg.temperature, step, total_steps)
+
+    def add_router_loss(self, model: nn.Module, loss: torch.Tensor) -> torch.Tensor:
+        return get_tuner(model).add_router_loss(loss)
 
     def routing_log(self, model: nn.Module) -> dict[str, torch.Tensor]:
         tuner = get_tuner(model)
         state = tuner.routing_state
         return {
-            "aux": tuner.router_aux_loss(),
+            "aux": tuner.router_aux_loss().detach(),
             "assignment": state.task_weights.detach().argmax(-1).cpu(),
             "entropy_per_example": state.entropy_per_example,
             "entropy_marginal": state.entropy_marginal,
@@ -156,6 +167,11 @@ METHOD_OBJECTS: dict[str, Method] = {
 
 def method_of(name: str) -> Method:
     return METHOD_OBJECTS[name]
+
+
+def learning_rate(cfg: RunConfig) -> float:
+    """``--lr``, or the method's validated learning rate."""
+    return cfg.lr if cfg.lr is not None else method_of(cfg.method).validated_lr
 
 
 def peft_config(method: str, model: nn.Module, cfg: RunConfig, n_train_tasks: int):
@@ -187,26 +203,20 @@ def apply_ablations(model: PeftModel, cfg: RunConfig) -> None:
                     module.noise_scale = 0.0
 
 
-def is_allocation_param(name: str) -> bool:
-    """Task-skill logits: OrchMoE's allocation Z (per module or shared), Poly/MHR's module logits."""
-    return "skill_router" in name or "poly_router" in name
+def parameter_kinds(method: Method, model: nn.Module) -> dict[int, str]:
+    """id(parameter) -> its kind: a router kind of ``method`` (``task_router``, ``allocation``) or ``adapter``."""
+    kinds = {id(p): "adapter" for p in model.parameters() if p.requires_grad}
+    kinds.update({id(p): kind for kind, params in method.routers(model).items() for p in params})
+    return kinds
 
 
-def is_router_param(name: str) -> bool:
-    return "orchmoe_task_router" in name or is_allocation_param(name)
-
-
-def parameter_kind(name: str) -> str:
-    """allocation (task-skill logits), task_router or adapter (skills / LoRA matrices)."""
-    return "allocation" if is_allocation_param(name) else "task_router" if is_router_param(name) else "adapter"
-
-
-def gradient_norms(model: nn.Module) -> dict[str, torch.Tensor]:
+def gradient_norms(method: Method, model: nn.Module) -> dict[str, torch.Tensor]:
     """L2 norm of the current gradients of each parameter kind (before clipping): {"grad_norm_<kind>": scalar}."""
+    kinds = parameter_kinds(method, model)
     squares: dict[str, list[torch.Tensor]] = {}
-    for name, p in model.named_parameters():
+    for p in model.parameters():
         if p.grad is not None:
-            squares.setdefault(parameter_kind(name), []).append(p.grad.detach().float().square().sum())
+            squares.setdefault(kinds[id(p)], []).append(p.grad.detach().float().square().sum())
     return {f"grad_norm_{kind}": torch.stack(values).sum().sqrt() for kind, values in squares.items()}
 
 
@@ -221,16 +231,13 @@ class ParamCounts:
         return self.adapter + self.router
 
 
-def count_parameters(model: nn.Module) -> ParamCounts:
-    adapter = router = base = 0
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            base += p.numel()
-        elif is_router_param(name):
-            router += p.numel()
-        else:
-            adapter += p.numel()
-    return ParamCounts(adapter, router, base)
+def count_parameters(method: Method, model: nn.Module) -> ParamCounts:
+    kinds = parameter_kinds(method, model)
+    counts = {"adapter": 0, "router": 0, "base": 0}
+    for p in model.parameters():
+        kind = kinds.get(id(p), "base")
+        counts["adapter" if kind == "adapter" else "base" if kind == "base" else "router"] += p.numel()
+    return ParamCounts(**counts)
 
 
 def check_parity(counts: dict[str, ParamCounts]) -> None:
@@ -241,35 +248,22 @@ def check_parity(counts: dict[str, ParamCounts]) -> None:
         if abs(c.adapter - ref) > PARITY_TOLERANCE * ref:
             raise ValueError(
                 f"Parameter parity broken: {name} has {c.adapter:,} adapter parameters, {ref_name} {ref:,} "
-                f"(tolerance {PARITY_TOLERANCE:.0%}). Use --rank and --n-skills with LoRA rank = S * r."
+                f"(tolerance {PARITY_TOLERANCE:.0%}). Use --r and --n-skills with LoRA rank = S * r."
             )
 
 
-def optimizer_groups(
-    model: nn.Module, lr: float, router_lr_multiplier: float, weight_decay: float, allocation_lr: float | None = None
-) -> list[dict]:
-    """Adapters at ``lr``; router parameters at ``lr * router_lr_multiplier``, except the task-skill logits at
-    ``allocation_lr`` when it is given (an absolute value, as mttl's ``module_logits_learning_rate``). No weight decay
-    on routers."""
-    adapters, routers, allocation = [], [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        if allocation_lr is not None and is_allocation_param(name):
-            allocation.append(p)
-        else:
-            (routers if is_router_param(name) else adapters).append(p)
-    groups = [{"params": adapters, "lr": lr, "weight_decay": weight_decay, "name": "adapters"}]
-    if routers:
-        groups.append({"params": routers, "lr": lr * router_lr_multiplier, "weight_decay": 0.0, "name": "routers"})
-    if allocation:
-        groups.append({"params": allocation, "lr": allocation_lr, "weight_decay": 0.0, "name": "allocation"})
-    return groups
+def optimizer_groups(method: Method, model: nn.Module, cfg: RunConfig) -> list[dict]:
+    """Adapters at the run's learning rate, routers at ``router_lr_multiplier`` times it (the task-skill logits at
+    ``allocation_lr`` when given), without weight decay on routers: ``orchmoe.training.parameter_groups``."""
+    lr = learning_rate(cfg)
+    return parameter_groups(model, method.routers(model), lr, cfg.weight_decay, cfg.router_lr_multiplier,
+                            cfg.allocation_lr)  # fmt: skip
 
 
 def set_unseen_task_row(model: nn.Module, n_train_tasks: int) -> None:
     """Poly/MHR: the reserved last task row := the mean of the trained rows (logits), for unseen tasks."""
     with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "poly_router" in name and name.endswith("module_logits"):
-                p[n_train_tasks] = p[:n_train_tasks].mean(dim=0)
+        for module in model.modules():
+            if isinstance(module, PolyRouter):
+                logits = module.module_logits  # (n_tasks, n_splits * n_skills)
+                logits[n_train_tasks] = logits[:n_train_tasks].mean(dim=0)

@@ -31,7 +31,7 @@ from ..head import supervised_loss_sum
 from . import checkpoint
 from .common import CONFIG_FILE, load_base, make_selection, prepare_run_dir, resolve_data_dir, write_json
 from .config import RunConfig
-from .methods import Method, build, count_parameters, gradient_norms, method_of, optimizer_groups
+from .methods import Method, build, count_parameters, gradient_norms, learning_rate, method_of, optimizer_groups
 
 LOG_FILE = "train_log.jsonl"
 
@@ -173,7 +173,7 @@ def setup(cfg: RunConfig, out: Path, resume: bool, overwrite: bool) -> Run:
     accelerator.wait_for_everyone()
     cfg = resolve_data_dir(cfg, out)
     if resume and (out / CONFIG_FILE).is_file():
-        saved = json.loads((out / CONFIG_FILE).read_text())
+        saved = RunConfig.from_dict(json.loads((out / CONFIG_FILE).read_text())).to_dict()
         if saved != cfg.to_dict():
             changed = sorted(k for k in saved if saved[k] != cfg.to_dict().get(k))
             raise ValueError(f"--resume with other settings than the run in {out}: {', '.join(changed)} differ.")
@@ -187,13 +187,11 @@ def setup(cfg: RunConfig, out: Path, resume: bool, overwrite: bool) -> Run:
     encoded, truncation = encode(
         selection.train, loaded.tokenizer, cfg.max_input_tokens, cfg.max_target_tokens, cfg.chat_template
     )
+    method = method_of(cfg.method)
     model = build(cfg.method, loaded.model, cfg, len(selection.train_tasks))
     model.train()
     steps = total_steps(cfg, len(encoded))
-    lr = cfg.learning_rate
-    optimizer = torch.optim.AdamW(
-        optimizer_groups(model, lr, cfg.router_lr_multiplier, cfg.weight_decay, cfg.allocation_lr)
-    )
+    optimizer = torch.optim.AdamW(optimizer_groups(method, model, cfg))
     warmup = int(cfg.warmup_ratio * steps)
     if cfg.schedule == "linear":
         scheduler = get_linear_schedule_with_warmup(optimizer, warmup, steps)
@@ -207,11 +205,11 @@ def setup(cfg: RunConfig, out: Path, resume: bool, overwrite: bool) -> Run:
             "train_examples": len(encoded),
             "missing_from_split": selection.missing_from_split,
             "truncation": truncation.as_dict(),
-            "parameters": count_parameters(model).__dict__,
-            "learning_rate": lr,
+            "parameters": count_parameters(method, model).__dict__,
+            "learning_rate": learning_rate(cfg),
         }
         write_json(out / "data.json", summary)
-    return Run(cfg, out, method_of(cfg.method), accelerator, loaded, selection, encoded, model, optimizer,
+    return Run(cfg, out, method, accelerator, loaded, selection, encoded, model, optimizer,
                scheduler, steps)  # fmt: skip
 
 
@@ -259,7 +257,7 @@ def train_step(run: Run, step: int, logged: bool = False) -> bool:
     """One optimizer step over ``grad_accum`` micro-batches; True when it was skipped (a non-finite loss). A
     ``logged`` step keeps the gradient norms of each parameter kind (before clipping) for its log entry."""
     cfg, accelerator, model = run.cfg, run.accelerator, run.model
-    run.method.step_begin(run.unwrapped, cfg, (step - 1) / max(1, run.steps - 1))
+    run.method.step_begin(run.unwrapped, cfg, step - 1, run.steps)
     skipped = False
     for k in range(cfg.grad_accum):
         batch = next(run.loader)
@@ -275,7 +273,7 @@ def train_step(run: Run, step: int, logged: bool = False) -> bool:
             if routing is not None:
                 run.routing = routing
                 run.assignments.append(routing["assignment"])
-            total = loss + aux
+            total = run.method.add_router_loss(run.unwrapped, loss)
             finite = torch.isfinite(total.detach()).float()
             if accelerator.reduce(finite.to(accelerator.device), "sum").item() < accelerator.num_processes:
                 skipped = True  # every process skips together
@@ -286,7 +284,7 @@ def train_step(run: Run, step: int, logged: bool = False) -> bool:
         run.optimizer.zero_grad()
     else:
         if logged:
-            run.grad_norms = gradient_norms(run.unwrapped)
+            run.grad_norms = gradient_norms(run.method, run.unwrapped)
         if cfg.max_grad_norm > 0:
             accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
         run.optimizer.step()

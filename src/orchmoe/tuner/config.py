@@ -90,8 +90,7 @@ class OrchMoEConfig(PeftConfig):
         default=1.0,
         metadata={
             "help": "Learning rate of router parameters (W_task, b, allocation logits Z) relative to the skills', "
-            "applied by orchmoe.OrchMoETrainer and the harness. 1 scored 4 ROUGE-L points above 10 on seen SNI tasks "
-            "at the same unseen score (sni-10, 3 seeds, each at its validated learning rate)."
+            "applied by orchmoe.OrchMoETrainer and the harness in an optimizer group without weight decay."
         },
     )
 

@@ -32,8 +32,8 @@ from .config import OrchMoEConfig
 from .features import input_embedding_modules, input_embeddings
 from .layer import Linear, OrchMoELayer, linear_features
 from .router import TaskRouter, routing_entropies
-from .routing import CallRouting, RoutingSlot, RoutingState, enter, tie
-from .targets import check_per_example_batch, default_text_targets, text_module_prefix
+from .routing import CallRouting, RoutingSlot, RoutingState, hold_in_graph, republish_in_backward
+from .targets import check_per_example_batch, default_target_modules, text_module_prefix
 
 
 @dataclass
@@ -63,14 +63,15 @@ class OrchMoEModel(BaseTuner):
                 "does the PeftModel that get_peft_model returns call OrchMoE's forward, which routes each call."
             )
         self._text_prefix = text_module_prefix(model)  # multimodal: only the language model is per-example
-        default_text_targets(model, config, self._text_prefix)
+        if config.target_modules is None:
+            config.target_modules = set(default_target_modules(model))
         if "routing_slot" not in self.__dict__:
             self.routing_slot = RoutingSlot()
-        self._hosting = adapter_name  # the first layer created for this adapter hosts its Task Router
+        self._task_router_pending = adapter_name  # the first layer created for this adapter hosts its Task Router
         try:
             super().inject_adapter(model, adapter_name, *args, **kwargs)
         finally:
-            self._hosting = None
+            self._task_router_pending = None
 
     def _create_and_replace(
         self,
@@ -98,11 +99,11 @@ class OrchMoEModel(BaseTuner):
                 layer.requires_grad_(False)
             self._replace_module(parent, target_name, layer, target)
         layer.routing_slot = self.routing_slot
-        if self._hosting == adapter_name:
+        if self._task_router_pending == adapter_name:
             layer.host_task_router(adapter_name, self._router_dim, config)
             if adapter_name not in self.active_adapters:
                 layer.orchmoe_task_router[adapter_name].requires_grad_(False)
-            self._hosting = None
+            self._task_router_pending = None
 
     # ----------------------------------------------------------------------------------------------- routing
     @property
@@ -201,22 +202,22 @@ class OrchMoEModel(BaseTuner):
         return CallRouting(weights, state)
 
     @contextmanager
-    def _tied(self, routing: CallRouting, kwargs: dict) -> Iterator[None]:
+    def _held_by_graph(self, routing: CallRouting, kwargs: dict) -> Iterator[None]:
         """In training with autograd on, let the call's graph hold the routing (for checkpointed recomputation)."""
         if not (self.training and torch.is_grad_enabled()):
             yield
             return
         for key in ("inputs_embeds", "decoder_inputs_embeds"):
             if kwargs.get(key) is not None:
-                kwargs[key] = tie(kwargs[key], routing)
+                kwargs[key] = hold_in_graph(kwargs[key], routing)
         handles = [
-            module.register_forward_hook(lambda _m, _a, out: tie(out, routing))
+            module.register_forward_hook(lambda _m, _a, out: hold_in_graph(out, routing))
             for module in input_embedding_modules(self.model)
         ]
         head = self.model.get_output_embeddings() if hasattr(self.model, "get_output_embeddings") else None
         if isinstance(head, nn.Module):
             slot = self.routing_slot
-            handles.append(head.register_forward_hook(lambda _m, _a, out: enter(out, slot, routing)))
+            handles.append(head.register_forward_hook(lambda _m, _a, out: republish_in_backward(out, slot, routing)))
         try:
             yield
         finally:
@@ -232,12 +233,11 @@ class OrchMoEModel(BaseTuner):
         if routing is None:
             return self.model(*args, **kwargs)
         self.routing_slot.set(routing)  # held by this frame for the call, then (in training) by its graph
-        with self._tied(routing, kwargs):
+        with self._held_by_graph(routing, kwargs):
             output = self.model(*args, **kwargs)
-        weight = self.peft_config[self._adapter].router_mi_weight
         add = self.__dict__.get("add_router_loss_to_output", True)  # off: a trainer adds it (orchmoe.training)
-        if add and self.training and weight > 0 and getattr(output, "loss", None) is not None:
-            output.loss = output.loss + weight * routing.state.mi_loss
+        if add and self.training and getattr(output, "loss", None) is not None:
+            output.loss = self.add_router_loss(output.loss)
         return output
 
     def generate(
@@ -265,22 +265,35 @@ class OrchMoEModel(BaseTuner):
         """``router_mi_weight * mi_loss`` of the training call in progress (for loops that compute their own loss)."""
         return self.peft_config[self._adapter].router_mi_weight * self.routing_state.mi_loss
 
+    def add_router_loss(self, loss: torch.Tensor, accumulation_steps: int = 1) -> torch.Tensor:
+        """``loss`` plus the router objective of the training call in progress, divided by ``accumulation_steps``
+        when ``loss`` is already a share of the optimizer step's loss. The one place the objective joins a loss:
+        ``forward`` (with ``labels``), ``orchmoe.OrchMoETrainer`` and the harness all add it here."""
+        if self.peft_config[self._adapter].router_mi_weight == 0:
+            return loss
+        return loss + self.router_aux_loss() / accumulation_steps
+
     # ----------------------------------------------------------------------------------------------- parameters
+    def router_parameters_by_kind(self) -> dict[str, list[nn.Parameter]]:
+        """The active adapter's router parameters, the objects themselves: ``task_router`` (W_task, b) and
+        ``allocation`` (every layer's Z). Optimizer groups, parameter counts and gradient norms select by these."""
+        adapter = self._adapter
+        allocation = [p for _, layer in self.orchmoe_layers(adapter)
+                      for p in layer.orchmoe_skill_router[adapter].parameters()]  # fmt: skip
+        return {"task_router": list(self.task_router(adapter).parameters()), "allocation": allocation}
+
     def router_parameters(self) -> list[nn.Parameter]:
         """Router parameters (W_task, b, allocation logits Z): they get their own learning rate."""
-        adapter = self._adapter
-        params = list(self.task_router(adapter).parameters())
-        for _, layer in self.orchmoe_layers(adapter):
-            params += list(layer.orchmoe_skill_router[adapter].parameters())
-        return params
+        return [p for params in self.router_parameters_by_kind().values() for p in params]
 
     def parameter_counts(self) -> dict[str, int]:
         """Trainable-parameter report: skills, task router and skill routers counted separately."""
         adapter = self._adapter
         layers = [layer for _, layer in self.orchmoe_layers(adapter)]
         skills = sum(layer.orchmoe_A[adapter].numel() + layer.orchmoe_B[adapter].numel() for layer in layers)
-        task_router = sum(p.numel() for p in self.task_router(adapter).parameters() if p.requires_grad)
-        skill_router = sum(p.numel() for p in self.router_parameters() if p.requires_grad) - task_router
+        routers = self.router_parameters_by_kind()
+        task_router = sum(p.numel() for p in routers["task_router"] if p.requires_grad)
+        skill_router = sum(p.numel() for p in routers["allocation"] if p.requires_grad)
         base = sum(p.numel() for name, p in self.model.named_parameters() if "orchmoe_" not in name)
         return {
             "skills": skills,

@@ -140,10 +140,6 @@ class SkillRouter(nn.Module):
         z = relax(logits, self.temperature, stochastic, self.noise_scale)  # (..., T, S)
         return self.scale * torch.einsum("bt,...ts->...bs", task_weights.float(), z)  # (..., B, S)
 
-    def forward(self, task_weights: torch.Tensor, stochastic: bool) -> torch.Tensor:
-        """Per-example skill weights alpha from abstract-task weights w: (B, T) -> (B, S)."""
-        return self.mix(task_weights, stochastic)  # (B, S)
-
 
 def entropy(p: torch.Tensor) -> torch.Tensor:
     """Shannon entropy (nats) of distributions along the last dim: (..., K) -> (...)."""
@@ -155,13 +151,3 @@ def routing_entropies(task_weights: torch.Tensor, global_batch: bool = False) ->
     is over the global batch under data parallelism (training only: every process must take part)."""
     batch = gather_batch(task_weights) if global_batch else task_weights
     return entropy(task_weights).mean(), entropy(batch.mean(dim=0))
-
-
-def mutual_information_loss(task_weights: torch.Tensor, global_batch: bool = False) -> torch.Tensor:
-    """mean_b H(w_b) - H(mean_b w): minus the mutual information between example and abstract task.
-
-    Minimising it makes each example's routing confident and the batch's use of abstract tasks balanced (as
-    microsoft/mttl's MI loss plugins do).
-    """
-    per_example, marginal = routing_entropies(task_weights, global_batch)
-    return per_example - marginal

@@ -5,15 +5,16 @@ in a :class:`RoutingSlot` that every OrchMoE layer of the model shares. The slot
 the model never keeps a routing alive by itself. What keeps it alive:
 
 - the tuner's ``forward`` / ``generate`` frame, for the duration of the call;
-- in training with autograd on, the autograd graph of the call: :func:`tie` passes the embedding output through an
-  identity node whose context holds the routing. Gradient checkpointing recomputes layers during backward, before
-  that node runs (every layer is downstream of it), so a recomputed layer finds the same routing; once backward has
-  freed the graph, nothing holds it. An identity node on the model's output (:func:`enter`), the first node its
-  backward runs, publishes the routing again, in case another call ran between this call's forward and backward.
+- in training with autograd on, the autograd graph of the call: :func:`hold_in_graph` passes the embedding output
+  through an identity node whose context holds the routing. Gradient checkpointing recomputes layers during
+  backward, before that node runs (every layer is downstream of it), so a recomputed layer finds the same routing;
+  once backward has freed the graph, nothing holds it. An identity node on the model's output
+  (:func:`republish_in_backward`), the first node its backward runs, publishes the routing again, in case another
+  call ran between this call's forward and backward.
 
 Reentrant checkpointing recomputes a layer inside a nested ``backward`` call, which must not run through the
 routers' graph (it is shared by every layer and would be freed by the first nested call). During such a
-recomputation a layer therefore gets a detached leaf copy of its skill weights; the leaf's gradient is parked in
+recomputation a layer therefore gets a detached leaf copy of its skill weights; the leaf's gradient is collected in
 the routing and handed to the routers' graph by the identity node, whose backward runs after every layer's. Without
 checkpointing, or with non-reentrant checkpointing, gradients take the ordinary path.
 """
@@ -45,18 +46,19 @@ class CallRouting:
 
     weights: dict[nn.Module, torch.Tensor]  # layer -> (B, S*r) or (B, S)
     state: RoutingState | None = None
-    parked: dict[nn.Module, torch.Tensor] = field(default_factory=dict)  # gradients from reentrant recomputations
+    recomputed_grads: dict[nn.Module, torch.Tensor] = field(default_factory=dict)  # of reentrant recomputations
 
     def for_layer(self, layer: nn.Module) -> torch.Tensor | None:
         weights = self.weights.get(layer)
         if weights is None or not (weights.requires_grad and torch.is_grad_enabled() and _in_backward()):
             return weights
         leaf = weights.detach().requires_grad_()  # a reentrant recomputation: see the module docstring
-        leaf.register_hook(partial(self._park, layer))
+        leaf.register_hook(partial(self._collect_recomputed_grad, layer))
         return leaf
 
-    def _park(self, layer: nn.Module, grad: torch.Tensor) -> None:
-        self.parked[layer] = grad if layer not in self.parked else self.parked[layer] + grad
+    def _collect_recomputed_grad(self, layer: nn.Module, grad: torch.Tensor) -> None:
+        grads = self.recomputed_grads
+        grads[layer] = grad if layer not in grads else grads[layer] + grad
 
 
 def _in_backward() -> bool:
@@ -86,7 +88,7 @@ class RoutingSlot:
         return RoutingSlot, ()
 
 
-class _Enter(torch.autograd.Function):
+class _RepublishInBackward(torch.autograd.Function):
     """Identity on the model's output (a view: no copy); its backward, the first of the call's graph to run,
     publishes the call's routing again, so recomputations in this backward use it even if another call ran since."""
 
@@ -101,14 +103,14 @@ class _Enter(torch.autograd.Function):
         return grad, None, None
 
 
-def enter(output: torch.Tensor, slot: RoutingSlot, routing: CallRouting) -> torch.Tensor:
+def republish_in_backward(output: torch.Tensor, slot: RoutingSlot, routing: CallRouting) -> torch.Tensor:
     """``output`` unchanged; when backward reaches it, ``routing`` is published in ``slot`` again."""
-    return _Enter.apply(output, slot, routing) if output.requires_grad else output
+    return _RepublishInBackward.apply(output, slot, routing) if output.requires_grad else output
 
 
-class _Tie(torch.autograd.Function):
+class _HoldInGraph(torch.autograd.Function):
     """Identity on ``hidden``; its context holds the routing while the graph lives, and its backward hands the
-    gradients parked by reentrant recomputations to the routers' graph."""
+    gradients collected from reentrant recomputations to the routers' graph."""
 
     @staticmethod
     def forward(ctx: Any, hidden: torch.Tensor, routing: CallRouting, anchor: torch.Tensor, *weights: torch.Tensor):
@@ -118,15 +120,15 @@ class _Tie(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        parked = ctx.routing.parked
-        return (grad, None, None, *(parked.pop(layer, None) for layer in ctx.layers))
+        recomputed = ctx.routing.recomputed_grads
+        return (grad, None, None, *(recomputed.pop(layer, None) for layer in ctx.layers))
 
 
-def tie(hidden: torch.Tensor, routing: CallRouting) -> torch.Tensor:
+def hold_in_graph(hidden: torch.Tensor, routing: CallRouting) -> torch.Tensor:
     """``hidden`` unchanged, made part of the autograd graph that keeps ``routing`` alive (see the module docstring).
 
     The anchor, a scalar leaf, puts the node in the graph even when nothing else of it requires grad (frozen
     routers), as peft's ``enable_input_require_grads`` does for reentrant checkpointing.
     """
     anchor = torch.zeros((), device=hidden.device, requires_grad=True)
-    return _Tie.apply(hidden, routing, anchor, *routing.weights.values())
+    return _HoldInGraph.apply(hidden, routing, anchor, *routing.weights.values())

@@ -11,8 +11,6 @@ from __future__ import annotations
 from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 from torch import nn
 
-from .config import OrchMoEConfig
-
 _TOWER_CONFIGS = ("vision_config", "audio_config")
 
 
@@ -38,17 +36,20 @@ def check_per_example_batch(key: str, text_prefix: str | None) -> None:
         )
 
 
-def default_text_targets(model: nn.Module, config: OrchMoEConfig, prefix: str | None) -> None:
-    """With ``target_modules`` unset on a multimodal model: peft's LoRA defaults, in the language model only."""
-    if prefix is None or config.target_modules is not None:
-        return
-    text_config = getattr(model.config, "text_config", None) or model.config
-    model_type = getattr(text_config, "model_type", None)  # the language model's type, e.g. gemma3_text
+def default_target_modules(model: nn.Module) -> list[str]:
+    """peft's LoRA defaults for ``model``'s type (e.g. ``["q_proj", "v_proj"]``); in a multimodal model, the
+    modules of those names in its language model only, by full name. The defaults of OrchMoE and, in the harness, of
+    every baseline."""
+    prefix = text_module_prefix(model)
+    text_config = getattr(model.config, "text_config", None) if prefix is not None else None
+    model_type = getattr(text_config or model.config, "model_type", None)  # the language model's, e.g. gemma3_text
     names = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING.get(model_type)
     if names is None:
         raise ValueError(f"No default target modules for model type {model_type!r}; set target_modules.")
-    config.target_modules = {
+    if prefix is None:
+        return list(names)
+    return sorted(
         key
         for key, module in model.named_modules()
         if key.startswith(prefix + ".") and key.rsplit(".", 1)[-1] in names and isinstance(module, nn.Linear)
-    }
+    )

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from orchmoe.metrics import normalize_answer, routing_agreement, score, score_example
+from orchmoe.pipeline.metrics import normalize_answer, routing_agreement, score, score_example
 
 
 @pytest.mark.parametrize(
