@@ -5,6 +5,8 @@
     python benchmarks/at_scale.py run --data-dir ../shared/sni-full --only orchmoe-lr0.003-seed0
     python benchmarks/at_scale.py plan --protocol families                                 # what is done, what is next
     python benchmarks/at_scale.py park                                                     # carry unfinished runs
+    python benchmarks/at_scale.py measure --protocol families     # the routers of each finished OrchMoE run
+    python benchmarks/at_scale.py report --protocol families      # tables, paired differences, router measures
 
 Each run trains (checkpointed every ``checkpoint_every`` steps, resumed from its last checkpoint when interrupted),
 is tested (seen, held-out and unseen tasks) and validated, and its ``config.json``, ``data.json``, ``metrics.json``,
@@ -16,6 +18,13 @@ ends. The plan is the protocol's: each method's learning-rate grid at seed 0,
 each method's lr chosen on validation ROUGE-L, OrchMoE and LoRA at seeds 1 and 2 at their chosen lr, then the two
 pre-registered OrchMoE remedies at OrchMoE's chosen lr at seeds 0, 1 and 2. A run that needs a choice not yet made
 waits for the runs that make it.
+
+``measure`` (needs the run directory's adapter, so on the machine that trained it) writes ``routers.json`` beside
+the kept files of each finished OrchMoE run: the allocation's mean TV distance from uniform over training and the
+gradient norms of Z against the skills' (from its log), the NMI of the prompts' argmax abstract tasks against their
+tasks and their families (the word after ``taskNNN_``; a test-split task is a family of its own) on every test set,
+and the scores of hard routing (each prompt to its argmax abstract task: what the exported adapters serve) beside
+soft routing's. ``report`` prints the protocol's tables from the committed files only.
 """
 
 from __future__ import annotations
@@ -34,6 +43,9 @@ ROOT = Path(__file__).resolve().parent
 RESULTS = ROOT / "results" / "sni-full"
 CONFIGS = {"families": ROOT / "configs" / "sni-full-families.yaml", "sni-10": ROOT / "configs" / "sni-full-10.yaml"}
 KEPT = ("config.json", "data.json", "metrics.json", "val_metrics.json", "train_log.jsonl")
+ROUTERS = "routers.json"
+SETS = ("seen", "held_out", "unseen")
+SCORES = ("rouge1", "rougeL", "rougeLsum", "exact_match")
 N_VAL = 16  # validation instances per training task (the protocol's)
 SEEDS = (0, 1, 2)
 # each method's learning-rate grid: its validated lr (sni-10, 40 steps) first, then a third of it (6x the steps here)
@@ -156,9 +168,124 @@ def execute(protocol: str, data_dir: str, run: Planned, work: Path, model: str) 
     return target
 
 
+def family(task: str) -> str:
+    """A task's family: the word after ``taskNNN_`` (scan, jeopardy, odd-man-out, stereoset, detoxifying-lms)."""
+    return task.split("_")[1] if "_" in task else task
+
+
+def log_measures(log: list[dict[str, Any]]) -> dict[str, Any]:
+    """The allocation over training and Z's gradient against the skills', from the training log's entries."""
+    keys = ("step", "allocation_tv", "grad_norm_allocation", "grad_norm_adapter", "abstract_tasks_used")
+    series = [{k: e[k] for k in keys if k in e} for e in log if "allocation_tv" in e]
+    ratios = [e["grad_norm_allocation"] / e["grad_norm_adapter"] for e in series
+              if e.get("grad_norm_adapter")]  # fmt: skip
+    return {
+        "allocation_tv_first": series[0]["allocation_tv"] if series else None,
+        "allocation_tv_last": series[-1]["allocation_tv"] if series else None,
+        "grad_ratio_median": sorted(ratios)[len(ratios) // 2] if ratios else None,
+        "series": series,
+    }
+
+
+def measure(protocol: str, work: Path) -> list[Path]:
+    """routers.json for each finished OrchMoE run (remedies included) whose adapter is in ``work``."""
+    import numpy as np
+    from serving import HardRouted
+    from sklearn.metrics import normalized_mutual_info_score
+
+    from orchmoe.pipeline import metrics
+    from orchmoe.pipeline.common import make_selection
+    from orchmoe.pipeline.evaluate import generate, load_trained
+
+    written = []
+    for folder in sorted((RESULTS / protocol).glob("*")):
+        out = work / protocol / folder.name
+        config = json.loads((folder / "config.json").read_text()) if (folder / "config.json").is_file() else {}
+        if config.get("method") != "orchmoe" or not finished(protocol, folder.name) or (folder / ROUTERS).is_file():
+            continue
+        if not (out / "adapter").is_dir():
+            print(f"skip {folder.name}: no adapter in {out}")
+            continue
+        cfg, loaded, model = load_trained(out)
+        selection = make_selection(cfg)
+        soft = json.loads((folder / "metrics.json").read_text())
+        log = [json.loads(line) for line in (folder / "train_log.jsonl").read_text().splitlines() if line.strip()]
+        result: dict[str, Any] = {**log_measures(log), "nmi": {}, "hard": {}, "soft": {}}
+        sets = {"seen": selection.test, "held_out": selection.held_out, "unseen": selection.unseen}
+        for name, examples in sets.items():
+            if not examples:
+                continue
+            hard = HardRouted(model)
+            rows, _ = generate(hard, loaded, examples, "lora", {}, cfg.eval_batch_size,
+                               cfg.max_input_tokens, cfg.max_new_tokens, progress=False,
+                               chat_template=cfg.chat_template)  # fmt: skip
+            tasks = [r["task"] for r in rows]
+            result["hard"][name] = metrics.score([r["prediction"] for r in rows], [r["references"] for r in rows],
+                                                 tasks)["macro"]  # fmt: skip
+            result["soft"][name] = soft[name]["macro"]
+            assigned = np.asarray(hard.weights).argmax(axis=1)  # the abstract task each prompt was sent to
+            result["nmi"][name] = {
+                "task": float(normalized_mutual_info_score(tasks, assigned)),
+                "family": float(normalized_mutual_info_score([family(t) for t in tasks], assigned)),
+                "abstract_tasks_used": len(set(assigned.tolist())),
+            }
+        (folder / ROUTERS).write_text(json.dumps(result, indent=1) + "\n")
+        written.append(folder / ROUTERS)
+        print(f"measured {folder.name}", flush=True)
+    return written
+
+
+def report(protocol: str) -> str:
+    """The protocol's tables from the committed files: every finished run's scores, the paired differences of the
+    chosen OrchMoE (and its remedies) against LoRA per seed, and the router measures."""
+    import statistics
+
+    folders = [f for f in sorted((RESULTS / protocol).glob("*")) if finished(protocol, f.name)]
+    lines = [f"## {protocol}: {len(folders)} finished runs", "",
+             "| run | val R-L | " + " | ".join(f"{s} R-1 / R-L / R-Lsum / EM" for s in SETS) + " |",
+             "|---|---|" + "---|" * len(SETS)]  # fmt: skip
+    scores: dict[str, dict[str, Any]] = {}
+    for folder in folders:
+        m = json.loads((folder / "metrics.json").read_text())
+        scores[folder.name] = m
+        cells = [" / ".join(f"{m[s]['macro'][k]:.2f}" for k in SCORES) if s in m else "-" for s in SETS]
+        lines.append(f"| {folder.name} | {validation_score(protocol, folder.name):.2f} | " + " | ".join(cells) + " |")
+    chosen = {m: chosen_lr(protocol, m) for m in ORDER}
+    lines += [
+        "",
+        "Learning rates chosen on validation R-L: "
+        + ", ".join(f"{m} {lr:g}" if lr else f"{m} (grid unfinished)" for m, lr in chosen.items()),
+        "",
+    ]
+    if chosen["lora"]:
+        for variant in ("orchmoe", *REMEDIES):
+            lr = chosen["orchmoe"]
+            pairs = [(slug(variant, lr, s), slug("lora", chosen["lora"], s)) for s in SEEDS] if lr else []
+            pairs = [(a, b) for a, b in pairs if a in scores and b in scores]
+            if not pairs:
+                continue
+            for split in SETS:
+                diffs = [scores[a][split]["macro"]["rougeL"] - scores[b][split]["macro"]["rougeL"] for a, b in pairs
+                         if split in scores[a]]  # fmt: skip
+                spread = f" ± {statistics.stdev(diffs):.2f} (sd)" if len(diffs) > 1 else ""
+                lines.append(f"{variant} minus LoRA, {split} R-L: {statistics.mean(diffs):+.2f}{spread} over "
+                             f"{len(diffs)} seed(s): " + ", ".join(f"{d:+.2f}" for d in diffs))  # fmt: skip
+    measured = [f for f in folders if (f / ROUTERS).is_file()]
+    if measured:
+        lines += ["", "| run | TV first -> last | Z grad / skills grad (median) | NMI task / family (seen, held-out, "
+                  "unseen) | hard - soft R-L (seen, held-out, unseen) |", "|---|---|---|---|---|"]  # fmt: skip
+        for folder in measured:
+            r = json.loads((folder / ROUTERS).read_text())
+            nmi = ", ".join(f"{r['nmi'][s]['task']:.2f} / {r['nmi'][s]['family']:.2f}" for s in SETS if s in r["nmi"])
+            hard = ", ".join(f"{r['hard'][s]['rougeL'] - r['soft'][s]['rougeL']:+.2f}" for s in SETS if s in r["hard"])
+            lines.append(f"| {folder.name} | {r['allocation_tv_first']:.4f} -> {r['allocation_tv_last']:.4f} | "
+                         f"{r['grad_ratio_median']:.4f} | {nmi} | {hard} |")  # fmt: skip
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("command", choices=["run", "plan", "park"])
+    parser.add_argument("command", choices=["run", "plan", "park", "measure", "report"])
     parser.add_argument("--protocol", choices=list(CONFIGS), default="families")
     parser.add_argument("--data-dir", default="../shared/sni-full")
     parser.add_argument("--model", default="gemma3-270m")
@@ -169,6 +296,12 @@ def main() -> None:
     runs, waiting = plan(args.protocol)
     if args.only:
         runs = [r for r in runs if r.name in args.only]
+    if args.command == "measure":
+        measure(args.protocol, args.work)
+        return
+    if args.command == "report":
+        print(report(args.protocol))
+        return
     if args.command == "park":
         for target in park(args.protocol, args.work):
             print(f"parked {target}")

@@ -31,14 +31,17 @@ from orchmoe.pipeline.evaluate import generate, load_trained
 
 
 class HardRouted:
-    """An OrchMoE model whose generate sends each prompt to its argmax abstract task (one-hot task weights)."""
+    """An OrchMoE model whose generate sends each prompt to its argmax abstract task (one-hot task weights); the
+    soft task weights it took the argmax of are appended to ``weights``."""
 
     def __init__(self, model: torch.nn.Module) -> None:
         self.model = model
+        self.weights: list[list[float]] = []  # (N, T) over the calls
 
     def generate(self, **kwargs: Any) -> torch.Tensor:
         keys = ("input_ids", "attention_mask")
         w = orchmoe.routing(self.model, {k: kwargs[k] for k in keys if k in kwargs}).task_weights  # (B, T)
+        self.weights.extend(w.float().tolist())
         hard = F.one_hot(w.argmax(dim=-1), w.shape[-1]).float()  # (B, T)
         return self.model.generate(**kwargs, task_weights=hard)
 

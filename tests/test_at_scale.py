@@ -59,3 +59,52 @@ def test_lr_chosen_on_validation_then_seeds_and_remedies(results: Path, low: flo
 def test_head_benchmark_prints_its_result_line() -> None:
     done = script("head.py", "--model", "tiny-gemma3", "--length", "24", "--repeats", "1")
     assert done.stdout.strip().splitlines()[-1].startswith("RESULT full_over_supervised_lora=")
+
+
+@pytest.mark.parametrize(
+    ("task", "family"),
+    [("task126_scan_structured_text_generation_command_action_all", "scan"),
+     ("task141_odd-man-out_classification_category", "odd-man-out"),
+     ("task140_detoxifying-lms_classification_style", "detoxifying-lms")],
+)  # fmt: skip
+def test_family_of_a_task(task: str, family: str) -> None:
+    assert at_scale.family(task) == family
+
+
+def test_log_measures_follow_the_allocation_and_the_gradient_ratio() -> None:
+    log = [{"step": 8, "loss": 1.0},  # an entry without routing statistics is left out
+           {"step": 16, "allocation_tv": 0.01, "grad_norm_allocation": 0.1, "grad_norm_adapter": 10.0},
+           {"step": 24, "allocation_tv": 0.02, "grad_norm_allocation": 0.3, "grad_norm_adapter": 10.0},
+           {"step": 32, "allocation_tv": 0.04, "grad_norm_allocation": 0.2, "grad_norm_adapter": 10.0}]  # fmt: skip
+    measured = at_scale.log_measures(log)
+    assert measured["allocation_tv_first"] == 0.01 and measured["allocation_tv_last"] == 0.04
+    assert measured["grad_ratio_median"] == pytest.approx(0.02) and [e["step"] for e in measured["series"]] == [
+        16,
+        24,
+        32,
+    ]
+
+
+def scored(results: Path, name: str, val: float, seen: float, routers: dict | None = None) -> None:
+    finish(results, name, val)
+    macro = {k: seen for k in at_scale.SCORES}
+    (results / "families" / name / "metrics.json").write_text(json.dumps({s: {"macro": macro} for s in at_scale.SETS}))
+    if routers is not None:
+        (results / "families" / name / at_scale.ROUTERS).write_text(json.dumps(routers))
+
+
+def test_report_pairs_seeds_at_the_chosen_learning_rates(results: Path) -> None:
+    for method, (low, high) in {"orchmoe": (30.0, 31.0), "lora": (32.0, 31.0)}.items():
+        scored(results, f"{method}-lr0.001-seed0", low, low)
+        scored(results, f"{method}-lr0.003-seed0", high, high)
+    scored(results, "orchmoe-lr0.003-seed1", 30.0, 35.0)
+    scored(results, "lora-lr0.001-seed1", 30.0, 33.0)
+    routers = {"allocation_tv_first": 0.003, "allocation_tv_last": 0.012, "grad_ratio_median": 0.02,
+               "nmi": {"seen": {"task": 0.5, "family": 0.7}}, "hard": {"seen": {"rougeL": 30.0}},
+               "soft": {"seen": {"rougeL": 31.0}}}  # fmt: skip
+    scored(results, "orchmoe-lr0.003-seed2", 30.0, 30.0, routers)
+    text = at_scale.report("families")
+    assert "orchmoe 0.003, lora 0.001" in text
+    # seed 0: 31 - 32, seed 1: 35 - 33 (seed 2 has no LoRA partner)
+    assert "orchmoe minus LoRA, seen R-L: +0.50 ± 2.12 (sd) over 2 seed(s): -1.00, +2.00" in text
+    assert "| orchmoe-lr0.003-seed2 | 0.0030 -> 0.0120 | 0.0200 | 0.50 / 0.70 | -1.00 |" in text
