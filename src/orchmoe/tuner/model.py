@@ -151,8 +151,8 @@ class OrchMoEModel(BaseTuner):
     def skill_weights(self, task_weights: torch.Tensor, stochastic: bool) -> dict[str, torch.Tensor]:
         """Per-module skill weights alpha (B, S) for abstract-task weights w (B, T).
 
-        All modules' allocations are relaxed in one vectorised call: z (M, T, S), or (M, B, T, S) with one noise
-        draw per example, and alpha = S * w z (M, B, S).
+        All modules' allocations are relaxed in one vectorised call, z (M, T, S) with one Gumbel draw per call for
+        the whole batch while training, and alpha = S * w z (M, B, S).
         """
         adapter = self._adapter
         routers = {name: layer.orchmoe_skill_router[adapter] for name, layer in self.orchmoe_layers(adapter)}
