@@ -18,6 +18,7 @@ from torch import nn
 from ..training import RelaxationSchedule, parameter_groups
 from ..tuner import OrchMoEConfig
 from ..tuner.access import get_tuner
+from ..tuner.parameters import count_by_kind
 from ..tuner.router import SkillRouter, distance_from_uniform
 from ..tuner.targets import default_target_modules
 from .config import RunConfig
@@ -232,12 +233,9 @@ class ParamCounts:
 
 
 def count_parameters(method: Method, model: nn.Module) -> ParamCounts:
-    kinds = parameter_kinds(method, model)
-    counts = {"adapter": 0, "router": 0, "base": 0}
-    for p in model.parameters():
-        kind = kinds.get(id(p), "base")
-        counts["adapter" if kind == "adapter" else "base" if kind == "base" else "router"] += p.numel()
-    return ParamCounts(**counts)
+    counts = count_by_kind(model.parameters(), method.routers(model))
+    router = sum(v for k, v in counts.items() if k not in ("adapter", "base"))
+    return ParamCounts(adapter=counts["adapter"], router=router, base=counts["base"])
 
 
 def check_parity(counts: dict[str, ParamCounts]) -> None:

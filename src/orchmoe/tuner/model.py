@@ -31,6 +31,7 @@ from torch import nn
 from .config import OrchMoEConfig
 from .features import input_embedding_modules, input_embeddings
 from .layer import Linear, OrchMoELayer, linear_features
+from .parameters import count_by_kind
 from .router import TaskRouter, routing_entropies
 from .routing import CallRouting, RoutingSlot, RoutingState, hold_in_graph, republish_in_backward
 from .targets import check_per_example_batch, default_target_modules, text_module_prefix
@@ -287,20 +288,16 @@ class OrchMoEModel(BaseTuner):
         return [p for params in self.router_parameters_by_kind().values() for p in params]
 
     def parameter_counts(self) -> dict[str, int]:
-        """Trainable-parameter report: skills, task router and skill routers counted separately."""
-        adapter = self._adapter
-        layers = [layer for _, layer in self.orchmoe_layers(adapter)]
-        skills = sum(layer.orchmoe_A[adapter].numel() + layer.orchmoe_B[adapter].numel() for layer in layers)
-        routers = self.router_parameters_by_kind()
-        task_router = sum(p.numel() for p in routers["task_router"] if p.requires_grad)
-        skill_router = sum(p.numel() for p in routers["allocation"] if p.requires_grad)
-        base = sum(p.numel() for name, p in self.model.named_parameters() if "orchmoe_" not in name)
+        """Trainable-parameter report: skills, task router and skill routers counted separately (trainable
+        parameters, as peft's ``get_nb_trainable_parameters``), and the frozen rest."""
+        counts = count_by_kind(self.model.parameters(), self.router_parameters_by_kind())
+        skills, task_router, skill_router = counts["adapter"], counts["task_router"], counts["allocation"]
         return {
             "skills": skills,
             "task_router": task_router,
             "skill_router": skill_router,
             "trainable": skills + task_router + skill_router,
-            "base": base,
+            "base": counts["base"],
         }
 
     # ----------------------------------------------------------------------------------------------- loading
