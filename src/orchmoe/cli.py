@@ -105,8 +105,14 @@ def main(argv: list[str] | None = None) -> int:
     except MissingExtra as err:
         print(f"orchmoe: error: {err}", file=sys.stderr)
         return 2
+    from .pipeline.checkpoint import CheckpointError
+    from .pipeline.common import RunDirError
     from .pipeline.config import resolve
+    from .pipeline.trainer import TrainingDiverged
 
+    # the project's own errors about its input get one line; any other failure (out of memory, a device or shape
+    # error) keeps its traceback
+    input_errors = (ValueError, FileNotFoundError, FileExistsError, RunDirError, CheckpointError, TrainingDiverged)
     args = build_parser().parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     warnings.filterwarnings("ignore", category=FutureWarning)
@@ -151,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
                                               args.max_new_tokens):  # fmt: skip
                 print(f"[{name}] {text}")
         finished = True
-    except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as err:
+    except input_errors as err:
         message = " ".join(str(err).split())  # one line, whatever the library wrote
         print(f"orchmoe {args.command}: error: {message}", file=sys.stderr)
         return 2

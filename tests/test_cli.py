@@ -1,0 +1,40 @@
+"""The `orchmoe` command's errors: the project's own input errors in one line, real failures with their traceback."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from orchmoe import cli
+from orchmoe.pipeline import evaluate
+from orchmoe.pipeline.checkpoint import CheckpointError
+from orchmoe.pipeline.common import RunDirError
+from orchmoe.pipeline.trainer import TrainingDiverged
+
+
+@pytest.mark.parametrize(
+    ("error", "one_line"),
+    [
+        (ValueError("bad\nflag"), True),
+        (RunDirError("not a run directory"), True),
+        (CheckpointError("no valid checkpoint"), True),
+        (TrainingDiverged("loss was NaN"), True),
+        (RuntimeError("CUDA out of memory"), False),  # not the user's input: the traceback is the information
+        (RuntimeError("mat1 and mat2 shapes cannot be multiplied"), False),
+    ],
+)
+def test_errors_of_a_command(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, error: Exception, one_line: bool
+) -> None:
+    def fail(*_: object, **__: object) -> None:
+        raise error
+
+    monkeypatch.setattr(evaluate, "evaluate_run", fail)
+    if one_line:
+        assert cli.main(["eval", str(tmp_path)]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith("orchmoe eval: error: ") and " ".join(str(error).split()) in err
+    else:
+        with pytest.raises(type(error), match=str(error)):
+            cli.main(["eval", str(tmp_path)])
