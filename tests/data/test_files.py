@@ -59,6 +59,27 @@ def test_a_malformed_row_is_named(tmp_path: Path, content: str, match: str) -> N
     assert str(path) in str(err.value)
 
 
+@pytest.mark.parametrize(
+    ("name", "content", "match"),
+    [
+        ("bad.csv", b"prompt,completion\na,b\nc,d,e\n", r"bad\.csv, line 3: 3 fields, but the header names 2"),
+        ("bad.csv", b"prompt,completion\na,b\nc,\n", r"bad\.csv, line 3: 'completion' must be non-empty text"),
+        ("bad.csv", b"prompt,completion\na,b\n\xff\xfe,d\n", r"bad\.csv, line 3: not valid UTF-8"),
+        ("bad.parquet", b"PAR1 this is not parquet", r"bad\.parquet: not a readable Parquet file"),
+    ],
+)
+def test_a_malformed_csv_or_parquet_file_is_named_in_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture, name: str, content: bytes, match: str
+) -> None:
+    path = tmp_path / name
+    path.write_bytes(content)
+    with pytest.raises(SNIDataError, match=match):
+        read_rows(path)
+    code = main(["train", "--out", str(tmp_path / "run"), "--data", str(path), "--model", "tiny-gemma3", "--quiet"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and str(path) in err[0]
+
+
 def test_held_out_fraction_or_a_second_file(tmp_path: Path) -> None:
     train = write(tmp_path / "train.jsonl", ROWS)
     a = file_selection(train, None, 0.25, seed=0)

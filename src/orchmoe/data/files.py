@@ -7,6 +7,7 @@ routing afterwards (OrchMoE never sees it). A malformed row stops the run with o
 from __future__ import annotations
 
 import csv
+import io
 import json
 import random
 from pathlib import Path
@@ -41,13 +42,40 @@ def _records(path: Path) -> list[tuple[str, Any]]:
                     raise SNIDataError(f"{path}, line {i}: not valid JSON ({err.msg}).") from err
         return rows
     if suffix == ".csv":
-        with path.open(newline="", encoding="utf-8") as f:
-            return [(f"line {i}", row) for i, row in enumerate(csv.DictReader(f), start=2)]  # line 1: the header
+        return _csv_records(path)
     if suffix == ".parquet":
+        import pyarrow as pa
         import pyarrow.parquet as pq
 
-        return [(f"row {i}", row) for i, row in enumerate(pq.read_table(path).to_pylist())]
+        try:
+            table = pq.read_table(path)
+        except (pa.ArrowException, OSError) as err:
+            raise SNIDataError(f"{path}: not a readable Parquet file ({' '.join(str(err).split())}).") from err
+        return [(f"row {i}", row) for i, row in enumerate(table.to_pylist())]
     raise SNIDataError(f"{path}: unknown format; use .jsonl, .csv, .parquet or a `datasets` save_to_disk directory.")
+
+
+def _csv_records(path: Path) -> list[tuple[str, Any]]:
+    """CSV rows under their header, each labelled with the line it ends on; a malformed one is named."""
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data[: err.start].count(b"\n") + 1
+        raise SNIDataError(f"{path}, line {line}: not valid UTF-8 ({err.reason} at byte {err.start}).") from err
+    rows = []
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    try:
+        for row in reader:
+            label = f"line {reader.line_num}"
+            if None in row:  # more fields than the header names
+                n_header = len(reader.fieldnames or [])
+                raise SNIDataError(f"{path}, {label}: {n_header + len(row[None])} fields, but the header names "
+                                   f"{n_header}.")  # fmt: skip
+            rows.append((label, row))
+    except csv.Error as err:
+        raise SNIDataError(f"{path}, line {reader.line_num}: not valid CSV ({err}).") from err
+    return rows
 
 
 def read_rows(path: str | Path) -> list[Example]:
