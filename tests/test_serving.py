@@ -11,8 +11,8 @@ import torch
 
 import orchmoe
 from orchmoe.cli import main
-from orchmoe.models import tiny_model
-from orchmoe.serving import PromptRouter, adapter_name, export_abstract_tasks, load_served
+from orchmoe.models import char_tokenizer, tiny_model
+from orchmoe.serving import PromptRouter, adapter_name, export_abstract_tasks, generate_served, load_served
 from tests.conftest import VOCAB, inputs, make_peft, prompt_labels, seq2seq_extra
 
 
@@ -78,3 +78,23 @@ def test_cli_exports_every_abstract_task_and_generates(arch: str, tmp_path: Path
                  "Reverse abc", "--max-new-tokens", "3", "--quiet"]) == 0  # fmt: skip
     printed = capsys.readouterr().out.strip().splitlines()[-2:]
     assert all(line.startswith("[abstract-task-") for line in printed)
+
+
+def test_served_left_padded_mixed_batch_equals_orchmoe_hard_routing(arch: str, tmp_path: Path) -> None:
+    """``generate_served`` pads prompts of different lengths (on the left for a decoder) into one mixed batch; each
+    completion equals OrchMoE's generate of that prompt alone under the same hard routing."""
+    model = trained(arch)
+    export_abstract_tasks(model, tmp_path)
+    tokenizer = char_tokenizer()
+    prompts = ["Add 2 and 3", "Reverse abc, please", "x", "Count the words in this one", "0 1 2"]
+    served = generate_served(tmp_path, tiny_model(arch, vocab_size=VOCAB, seed=0), tokenizer, prompts, 4)
+    assert len({name for name, _ in served}) >= 2  # a mixed batch
+    for prompt, (name, text) in zip(prompts, served, strict=True):
+        alone = tokenizer([prompt], return_tensors="pt")
+        task = int(orchmoe.routing(model, alone).task_weights.argmax(-1))
+        hard = torch.nn.functional.one_hot(torch.tensor([task]), 3).float()
+        with torch.no_grad():
+            out = model.generate(**alone, task_weights=hard, max_new_tokens=4, do_sample=False, pad_token_id=0)
+        new = out if arch == "tiny-t5" else out[:, alone["input_ids"].shape[1] :]
+        assert name == adapter_name(task)
+        assert text == tokenizer.decode(new[0], skip_special_tokens=True), (prompt, name)

@@ -224,11 +224,33 @@ def test_training_routes_from_the_prompt_that_generation_sees(given: dict, promp
 
 
 @pytest.mark.parametrize(
+    ("position_ids", "attention_mask"),
+    [
+        ([[0, 1, 2, 3, 4, 5]], None),
+        ([[0, 1, 2, 3, 0, 0]], [[1, 1, 1, 1, 0, 0]]),  # right-padded, the padding at position 0 (TRL's collator)
+        ([[0, 0, 0, 1, 2, 3]], [[0, 0, 1, 1, 1, 1]]),  # left-padded
+    ],
+)
+def test_padded_position_ids_are_not_packed_rows(position_ids: list, attention_mask: list | None) -> None:
+    model = make_peft("tiny-gemma3").train()
+    ids = inputs(batch=1, length=6)["input_ids"]
+    mask = torch.tensor(attention_mask) if attention_mask is not None else torch.ones_like(ids)
+    labels = prompt_labels(ids).masked_fill(mask == 0, -100)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=torch.tensor(position_ids), labels=labels)
+    assert torch.isfinite(out.loss)
+
+
+@pytest.mark.parametrize(
     ("kwargs", "error", "match"),
     [
         ({}, ValueError, "needs the prompt of each training sequence"),
         ({"labels": "all supervised"}, RuntimeError, "supervise its first token"),
         ({"labels": "prompt", "position_ids": [[0, 1, 2, 0, 1, 2]]}, RuntimeError, "packed rows"),
+        (
+            {"labels": "prompt", "position_ids": [[0, 1, 2, 0, 1, 2]], "attention_mask": [[1] * 6]},
+            RuntimeError,
+            "packed rows",
+        ),  # a restart between attended tokens
     ],
 )
 def test_training_without_a_prompt_is_refused(kwargs: dict, error: type, match: str) -> None:
@@ -241,6 +263,8 @@ def test_training_without_a_prompt_is_refused(kwargs: dict, error: type, match: 
         call["labels"] = prompt_labels(ids)
     if "position_ids" in kwargs:
         call["position_ids"] = torch.tensor(kwargs["position_ids"])
+    if "attention_mask" in kwargs:
+        call["attention_mask"] = torch.tensor(kwargs["attention_mask"])
     with pytest.raises(error, match=match):
         model(**call)
     model.eval()

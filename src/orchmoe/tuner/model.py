@@ -333,8 +333,13 @@ def causal_routing_mask(kwargs: dict, routing_mask: Any, training: bool) -> Any:
     """
     position_ids = kwargs.get("position_ids")
     if training and position_ids is not None and position_ids.dim() == 2 and position_ids.shape[1] > 1:
+        restart = position_ids.diff(dim=-1) < 0  # (B, L-1)
+        attention_mask = kwargs.get("attention_mask")
+        if attention_mask is not None and tuple(attention_mask.shape) == tuple(position_ids.shape):
+            attended = attention_mask.bool()
+            restart = restart & attended[:, 1:] & attended[:, :-1]  # padding's positions (e.g. TRL's 0s) don't count
         torch._assert_async(
-            (position_ids.diff(dim=-1) >= 0).all(),
+            ~restart.any(),
             "OrchMoE routes each row from its prompt and cannot route packed rows (position_ids restart inside a "
             "row): turn packing off (SFTConfig(packing=False), no DataCollatorWithFlattening).",
         )
