@@ -121,7 +121,8 @@ PARKED = ("config.json", "data.json", "train_log.jsonl")
 
 
 def park(protocol: str, work: Path) -> list[Path]:
-    """Each unfinished run's last complete checkpoint, settings and log, copied to its results folder."""
+    """Each unfinished run's last complete checkpoint, settings and log (and its adapter once trained), copied to its
+    results folder."""
     from orchmoe.pipeline import checkpoint
 
     parked = []
@@ -134,6 +135,8 @@ def park(protocol: str, work: Path) -> list[Path]:
         shutil.copytree(found, target / "checkpoints" / found.name)
         for name in PARKED:
             shutil.copy2(out / name, target / name)
+        if (out / "adapter" / "adapter_config.json").is_file():  # trained, not yet scored: the next session scores it
+            shutil.copytree(out / "adapter", target / "adapter")
         parked.append(target)
     return parked
 

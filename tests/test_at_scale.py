@@ -108,3 +108,22 @@ def test_report_pairs_seeds_at_the_chosen_learning_rates(results: Path) -> None:
     # seed 0: 31 - 32, seed 1: 35 - 33 (seed 2 has no LoRA partner)
     assert "orchmoe minus LoRA, seen R-L: +0.50 ± 2.12 (sd) over 2 seed(s): -1.00, +2.00" in text
     assert "| orchmoe-lr0.003-seed2 | 0.0030 -> 0.0120 | 0.0200 | 0.50 / 0.70 | -1.00 |" in text
+
+
+@pytest.mark.parametrize("trained", [False, True])
+def test_park_and_unpark_carry_what_the_run_needs(results: Path, tmp_path: Path, trained: bool) -> None:
+    from orchmoe.pipeline import checkpoint
+
+    out = tmp_path / "work" / "families" / "orchmoe-lr0.003-seed0"
+    checkpoint.save(out / "checkpoints", 32, {"step": 32, "adapter": {}})
+    for name in at_scale.PARKED:
+        (out / name).write_text("{}")
+    if trained:
+        (out / "adapter").mkdir()
+        (out / "adapter" / "adapter_config.json").write_text("{}")
+    (parked,) = at_scale.park("families", tmp_path / "work")
+    fresh = tmp_path / "fresh"
+    at_scale.unpark("families", "orchmoe-lr0.003-seed0", fresh)
+    assert checkpoint.latest(fresh / "checkpoints") is not None and (fresh / "config.json").is_file()
+    assert (fresh / "adapter" / "adapter_config.json").is_file() == trained  # a trained run is scored, not retrained
+    assert parked == results / "families" / "orchmoe-lr0.003-seed0" / "in-progress"
