@@ -19,12 +19,13 @@ each method's lr chosen on validation ROUGE-L, OrchMoE and LoRA at seeds 1 and 2
 pre-registered OrchMoE remedies at OrchMoE's chosen lr at seeds 0, 1 and 2. A run that needs a choice not yet made
 waits for the runs that make it.
 
-``measure`` (needs the run directory's adapter, so on the machine that trained it) writes ``routers.json`` beside
-the kept files of each finished OrchMoE run: the allocation's mean TV distance from uniform over training and the
-gradient norms of Z against the skills' (from its log), the NMI of the prompts' argmax abstract tasks against their
-tasks and their families (the word after ``taskNNN_``; a test-split task is a family of its own) on every test set,
-and the scores of hard routing (each prompt to its argmax abstract task: what the exported adapters serve) beside
-soft routing's. ``report`` prints the protocol's tables from the committed files only.
+``measure`` (with the run directory's adapter, or the copy kept beside an OrchMoE run's results) writes
+``routers.json`` beside the kept files of each finished OrchMoE run: the allocation's mean TV distance from uniform
+over training and the gradient norms of Z against the skills' (from its log), the NMI of the prompts' argmax
+abstract tasks against their tasks and their families (the word after ``taskNNN_``; a test-split task is a family of
+its own) on every test set, and the scores of hard routing (each prompt to its argmax abstract task: what the
+exported adapters serve) beside soft routing's. ``report`` prints the protocol's tables from the committed files
+only.
 """
 
 from __future__ import annotations
@@ -167,6 +168,8 @@ def execute(protocol: str, data_dir: str, run: Planned, work: Path, model: str) 
     target.mkdir(parents=True, exist_ok=True)
     for name in KEPT:
         shutil.copy2(out / name, target / name)
+    if cfg.method == "orchmoe":  # kept for `measure` (3 MB), which routes and generates with it
+        shutil.copytree(out / "adapter", target / "adapter", dirs_exist_ok=True)
     shutil.rmtree(target / "in-progress", ignore_errors=True)
     return target
 
@@ -206,10 +209,11 @@ def measure(protocol: str, work: Path) -> list[Path]:
         config = json.loads((folder / "config.json").read_text()) if (folder / "config.json").is_file() else {}
         if config.get("method") != "orchmoe" or not finished(protocol, folder.name) or (folder / ROUTERS).is_file():
             continue
-        if not (out / "adapter").is_dir():
-            print(f"skip {folder.name}: no adapter in {out}")
+        source = out if (out / "adapter").is_dir() else folder  # the work directory, else the kept adapter
+        if not (source / "adapter").is_dir():
+            print(f"skip {folder.name}: no adapter in {out} or {folder}")
             continue
-        cfg, loaded, model = load_trained(out)
+        cfg, loaded, model = load_trained(source)
         selection = make_selection(cfg)
         soft = json.loads((folder / "metrics.json").read_text())
         log = [json.loads(line) for line in (folder / "train_log.jsonl").read_text().splitlines() if line.strip()]
