@@ -9,8 +9,7 @@ import pytest
 from orchmoe import cli
 from orchmoe.pipeline import evaluate
 from orchmoe.pipeline.checkpoint import CheckpointError
-from orchmoe.pipeline.common import RunDirError
-from orchmoe.pipeline.trainer import TrainingDiverged
+from orchmoe.pipeline.common import RunDirError, TrainingDiverged
 
 
 @pytest.mark.parametrize(

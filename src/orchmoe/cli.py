@@ -106,9 +106,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"orchmoe: error: {err}", file=sys.stderr)
         return 2
     from .pipeline.checkpoint import CheckpointError
-    from .pipeline.common import RunDirError
+    from .pipeline.common import RunDirError, TrainingDiverged
     from .pipeline.config import resolve
-    from .pipeline.trainer import TrainingDiverged
 
     # the project's own errors about its input get one line; any other failure (out of memory, a device or shape
     # error) keeps its traceback

@@ -33,6 +33,7 @@ from ._extras import require
 from .head import supervised_loss_sum
 from .tuner.access import get_tuner
 from .tuner.model import OrchMoEModel, causal_routing_mask
+from .tuner.parameters import router_kinds
 from .tuner.router import SkillRouter
 
 
@@ -102,7 +103,7 @@ def parameter_groups(
     of them when None), except the ``routers`` (by kind, e.g. ``OrchMoEModel.router_parameters_by_kind()``, selected
     by identity) at ``lr * router_lr_multiplier`` without decay, and the ``allocation`` kind at ``allocation_lr``
     when it is given (an absolute value, as mttl's ``module_logits_learning_rate``)."""
-    kind = {id(p): k for k, params in routers.items() for p in params}
+    kind = router_kinds(routers)
     decay = None if decay_names is None else set(decay_names)
     groups: dict[str, dict[str, Any]] = {
         "adapters": {"params": [], "lr": lr, "weight_decay": weight_decay},

@@ -19,6 +19,10 @@ class RunDirError(RuntimeError):
     pass
 
 
+class TrainingDiverged(RuntimeError):
+    """The loss stayed non-finite for ``nan_patience`` steps."""
+
+
 def resolve_data_dir(cfg: RunConfig, out: Path) -> RunConfig:
     """Without --data-dir (or --data), write the built-in suite (deterministic from the seed) under ``out/suite``."""
     if cfg.data is not None:

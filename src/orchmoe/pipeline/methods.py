@@ -18,7 +18,7 @@ from torch import nn
 from ..training import RelaxationSchedule, parameter_groups
 from ..tuner import OrchMoEConfig
 from ..tuner.access import get_tuner
-from ..tuner.parameters import count_by_kind
+from ..tuner.parameters import count_by_kind, router_kinds
 from ..tuner.router import SkillRouter, distance_from_uniform
 from ..tuner.targets import default_target_modules
 from .config import RunConfig
@@ -204,20 +204,14 @@ def apply_ablations(model: PeftModel, cfg: RunConfig) -> None:
                     module.noise_scale = 0.0
 
 
-def parameter_kinds(method: Method, model: nn.Module) -> dict[int, str]:
-    """id(parameter) -> its kind: a router kind of ``method`` (``task_router``, ``allocation``) or ``adapter``."""
-    kinds = {id(p): "adapter" for p in model.parameters() if p.requires_grad}
-    kinds.update({id(p): kind for kind, params in method.routers(model).items() for p in params})
-    return kinds
-
-
 def gradient_norms(method: Method, model: nn.Module) -> dict[str, torch.Tensor]:
-    """L2 norm of the current gradients of each parameter kind (before clipping): {"grad_norm_<kind>": scalar}."""
-    kinds = parameter_kinds(method, model)
+    """L2 norm of the current gradients of each parameter kind (before clipping): {"grad_norm_<kind>": scalar}; a
+    parameter that is no router of ``method`` is an adapter."""
+    kinds = router_kinds(method.routers(model))
     squares: dict[str, list[torch.Tensor]] = {}
     for p in model.parameters():
         if p.grad is not None:
-            squares.setdefault(kinds[id(p)], []).append(p.grad.detach().float().square().sum())
+            squares.setdefault(kinds.get(id(p), "adapter"), []).append(p.grad.detach().float().square().sum())
     return {f"grad_norm_{kind}": torch.stack(values).sum().sqrt() for kind, values in squares.items()}
 
 

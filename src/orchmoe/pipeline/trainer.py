@@ -29,15 +29,19 @@ from transformers import get_constant_schedule_with_warmup, get_linear_schedule_
 from ..data import Collator, encode
 from ..head import supervised_loss_sum
 from . import checkpoint
-from .common import CONFIG_FILE, load_base, make_selection, prepare_run_dir, resolve_data_dir, write_json
+from .common import (
+    CONFIG_FILE,
+    TrainingDiverged,
+    load_base,
+    make_selection,
+    prepare_run_dir,
+    resolve_data_dir,
+    write_json,
+)
 from .config import RunConfig
 from .methods import Method, build, count_parameters, gradient_norms, learning_rate, method_of, optimizer_groups
 
 LOG_FILE = "train_log.jsonl"
-
-
-class TrainingDiverged(RuntimeError):
-    pass
 
 
 class FixedBatches(Sampler[list[int]]):

@@ -7,10 +7,15 @@ from collections.abc import Iterable, Mapping
 from torch import nn
 
 
+def router_kinds(routers: Mapping[str, list[nn.Parameter]]) -> dict[int, str]:
+    """id(parameter) -> its router kind, for ``routers`` by kind (e.g. ``OrchMoEModel.router_parameters_by_kind()``)."""
+    return {id(p): k for k, params in routers.items() for p in params}
+
+
 def count_by_kind(parameters: Iterable[nn.Parameter], routers: Mapping[str, list[nn.Parameter]]) -> dict[str, int]:
     """Elements per kind: each router kind of ``routers`` (trainable ones), ``adapter`` (every other trainable
     parameter) and ``base`` (frozen parameters), each parameter counted once."""
-    kind = {id(p): k for k, params in routers.items() for p in params}
+    kind = router_kinds(routers)
     counts = dict.fromkeys(["adapter", *routers, "base"], 0)
     seen: set[int] = set()
     for p in parameters:
