@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
+from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
 import orchmoe
 from orchmoe import OrchMoEConfig
@@ -223,3 +224,68 @@ def test_gradient_checkpointing_gives_the_same_gradients(method: str, arch: str,
         assert torch.allclose(expected[name], got[name], atol=1e-5, rtol=1e-4), name
     if method == "orchmoe":
         assert orchmoe.get_tuner(checkpointed).routing_slot.get() is None
+
+
+def fresh(method: str, arch: str, made_by: str, tmp_path: Path) -> torch.nn.Module:
+    """A model as a user has it the minute it is made: base from ``from_pretrained`` (eval mode), no mode call."""
+    base_path = tmp_path / "base"
+    base(arch).save_pretrained(base_path)
+    auto = AutoModelForSeq2SeqLM if arch == "tiny-t5" else AutoModelForCausalLM
+    model = get_peft_model(auto.from_pretrained(base_path), config(method, arch))
+    if made_by == "get_peft_model":
+        return model
+    model.save_pretrained(tmp_path / "adapter")
+    return PeftModel.from_pretrained(auto.from_pretrained(base_path), tmp_path / "adapter")
+
+
+def generated(model: torch.nn.Module, arch: str, *args: torch.Tensor, **kwargs) -> torch.Tensor:
+    """peft's generate checks: keyword and positional inputs, greedy, scores returned."""
+    batch = batch_for(arch)
+    ids = batch["input_ids"]
+    call = {"max_new_tokens": 3, "do_sample": False, "output_scores": True, "return_dict_in_generate": True}
+    if args == ("positional",):
+        out = model.generate(ids, attention_mask=batch["attention_mask"], **call, **kwargs)
+    else:
+        out = model.generate(input_ids=ids, attention_mask=batch["attention_mask"], **call, **kwargs)
+    return torch.stack(out.scores)
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("made_by", ["get_peft_model", "from_pretrained"])
+def test_a_fresh_model_runs_forward_and_generates_as_lora_does(method: str, arch: str, made_by: str, tmp_path: Path):
+    model = fresh(method, arch, made_by, tmp_path)
+    with torch.no_grad():
+        out = model(**batch_for(arch))  # no labels: the input is the prompt (the base is in eval mode)
+    assert out.logits.shape[0] == 3 and torch.isfinite(out.logits).all()
+    if arch != "tiny-t5":  # peft's seq2seq generate takes keywords only
+        assert torch.equal(generated(model, arch), generated(model, arch, "positional"))
+    with model.disable_adapter():
+        disabled = generated(model, arch)
+    assert not torch.equal(disabled, generated(model, arch))  # the adapter is used outside the context
+    model.to(torch.bfloat16)
+    assert torch.isfinite(generated(model, arch)).all()  # half precision (peft's _test_generate_half_prec)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_generate_routes_from_its_prompt_in_train_mode_as_in_eval_mode(method: str, arch: str) -> None:
+    model = make_peft(arch) if method == "orchmoe" else get_peft_model(base(arch), config(method, arch))
+    orchmoe_model = method == "orchmoe"
+    if orchmoe_model:
+        model.train()
+        model(**labelled(arch))  # running statistics off their start, so that train-mode statistics would differ
+    for module in model.modules():  # dropout off (modules and T5's attention): the modes may differ only by routing
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        if isinstance(getattr(module, "dropout", None), float):
+            module.dropout = 0.0
+    model.eval()
+    in_eval = generated(model, arch)
+    model.train()
+    with torch.no_grad():
+        assert torch.equal(generated(model, arch), in_eval)  # no Gumbel noise, no batch statistics
+        if orchmoe_model:  # while a training forward of the same batch routes with noise and batch statistics
+            train_logits = model(**labelled(arch)).logits
+    if orchmoe_model:
+        model.eval()
+        with torch.no_grad():
+            assert not torch.equal(model(**labelled(arch)).logits, train_logits)

@@ -177,35 +177,44 @@ class OrchMoEModel(BaseTuner):
             w = self.task_weights(input_ids, attention_mask, routing_mask, inputs_embeds, deterministic=True)
             return Routing(task_weights=w, skill_weights=self.skill_weights(w, stochastic=False))
 
-    def _call_routing(self, args: tuple, kwargs: dict, routing_mask: Any, task_weights: Any) -> CallRouting | None:
-        """Route one call: task weights, then every layer's skill weights in the form it multiplies by."""
+    @property
+    def _training(self) -> bool:
+        """Whether calls route as in training: the wrapped model's mode, which ``model.train()`` / ``model.eval()``
+        set (a model fresh from ``from_pretrained`` is in eval mode even where its new peft wrapper is not)."""
+        return self.model.training
+
+    def _call_routing(
+        self, args: tuple, kwargs: dict, routing_mask: Any, task_weights: Any, training: bool
+    ) -> CallRouting | None:
+        """Route one call: task weights, then every layer's skill weights in the form it multiplies by. In training
+        (``training``) with Gumbel noise and global-batch statistics, else as at inference."""
         if not self.active_adapters or all(layer.disable_adapters for _, layer in self.orchmoe_layers()):
             return None  # no adapter left, or disable_adapter(): the base model
         adapter = self._adapter
         n_tasks = self.peft_config[adapter].n_abstract_tasks
         if task_weights is None:
             if self.peft_config[adapter].task_type == "CAUSAL_LM":
-                routing_mask = causal_routing_mask(kwargs, routing_mask, self.training)
+                routing_mask = causal_routing_mask(kwargs, routing_mask, training)
             input_ids = kwargs.get("input_ids", args[0] if args else None)
             task_weights = self.task_weights(
-                input_ids, kwargs.get("attention_mask"), routing_mask, kwargs.get("inputs_embeds")
+                input_ids, kwargs.get("attention_mask"), routing_mask, kwargs.get("inputs_embeds"), not training
             )
         elif task_weights.dim() != 2 or task_weights.shape[-1] != n_tasks:
             raise ValueError(
                 f"`task_weights` must have shape (batch, n_abstract_tasks={n_tasks}), got {tuple(task_weights.shape)}."
             )
         # one computation (one all_gather under data parallelism, in training only) serves the loss and the log
-        per_example, marginal = routing_entropies(task_weights, global_batch=self.training)
+        per_example, marginal = routing_entropies(task_weights, global_batch=training)
         state = RoutingState(task_weights, per_example - marginal, per_example.detach(), marginal.detach())
         layers = dict(self.orchmoe_layers(adapter))
-        alphas = self.skill_weights(task_weights, stochastic=self.training)
+        alphas = self.skill_weights(task_weights, stochastic=training)
         weights = {layers[name]: layers[name].layer_weights(adapter, alpha) for name, alpha in alphas.items()}
         return CallRouting(weights, state)
 
     @contextmanager
     def _held_by_graph(self, routing: CallRouting, kwargs: dict) -> Iterator[None]:
         """In training with autograd on, let the call's graph hold the routing (for checkpointed recomputation)."""
-        if not (self.training and torch.is_grad_enabled()):
+        if not (self._training and torch.is_grad_enabled()):
             yield
             return
         for key in ("inputs_embeds", "decoder_inputs_embeds"):
@@ -230,22 +239,24 @@ class OrchMoEModel(BaseTuner):
     ) -> Any:
         """The wrapped model's forward, routed. In training mode with ``labels``, the router objective
         ``router_mi_weight * (mean_b H(w_b) - H(mean_b w))`` is added to ``loss`` (like Mixtral's aux loss)."""
-        routing = self._call_routing(args, kwargs, routing_mask, task_weights)
+        routing = self._call_routing(args, kwargs, routing_mask, task_weights, self._training)
         if routing is None:
             return self.model(*args, **kwargs)
         self.routing_slot.set(routing)  # held by this frame for the call, then (in training) by its graph
         with self._held_by_graph(routing, kwargs):
             output = self.model(*args, **kwargs)
         add = self.__dict__.get("add_router_loss_to_output", True)  # off: a trainer adds it (orchmoe.training)
-        if add and self.training and getattr(output, "loss", None) is not None:
+        if add and self._training and getattr(output, "loss", None) is not None:
             output.loss = self.add_router_loss(output.loss)
         return output
 
     def generate(
         self, *args: Any, routing_mask: torch.Tensor | None = None, task_weights: Any = None, **kwargs: Any
     ) -> Any:
-        """The wrapped model's generate, routed once from the prompt; every decoding step reuses that routing."""
-        routing = self._call_routing(args, kwargs, routing_mask, task_weights)
+        """The wrapped model's generate, routed once from the prompt as at inference, in train mode too (RL trainers
+        sample in train mode): no Gumbel noise, the Task Router's running statistics. Every decoding step reuses that
+        routing."""
+        routing = self._call_routing(args, kwargs, routing_mask, task_weights, training=False)
         if routing is None:
             return self.model.generate(*args, **kwargs)
         self.routing_slot.set(routing)  # held by this frame for every decoding step
