@@ -56,4 +56,4 @@ def test_the_readme_has_python_blocks() -> None:
 def test_a_readme_python_block_runs(block: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
     names = reader_names(block, tmp_path)
-    exec(compile(block, str(README), "exec"), names)  # noqa: S102 - the README's own code
+    exec(compile(block, str(README), "exec"), names)  # the README's own code
