@@ -32,8 +32,9 @@ from transformers import Trainer, TrainerCallback
 from ._extras import require
 from .head import supervised_loss_sum
 from .tuner.access import get_tuner
-from .tuner.model import OrchMoEModel, causal_routing_mask
+from .tuner.model import OrchMoEModel
 from .tuner.parameters import router_kinds
+from .tuner.prompt import causal_routing_mask
 from .tuner.router import SkillRouter
 
 

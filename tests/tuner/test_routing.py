@@ -94,3 +94,64 @@ def test_no_routing_outlives_generate_or_an_eval_forward(arch: str) -> None:
         model.generate(**inputs(batch=3, seed=4), max_new_tokens=3, do_sample=False, pad_token_id=0)
         model(**{**inputs(batch=4), **seq2seq_extra(arch, 4)})
     assert tuner.routing_slot.get() is None
+
+
+def fused(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """A loss that never calls the output head module: TRL's fused linear cross-entropy (``fused_lm_head``)."""
+    return -model(**batch, fused_lm_head=True).log_probs.sum()
+
+
+@pytest.mark.parametrize("checkpointing", ["reentrant", "non-reentrant"])
+def test_a_fused_head_loss_backpropagates_its_own_routing(checkpointing: str) -> None:
+    """Forward A, forward B, backward B, backward A with TRL's fused head (the output head module is never called)
+    equals A then B without checkpointing."""
+    from trl.trainer.utils import add_fused_lm_head
+
+    arch = "tiny-gemma3"
+    a, b = labelled(arch, seed=0), labelled(arch, seed=1)
+    reference, model = model_for(arch, None), model_for(arch, checkpointing)
+    for m in (reference, model):
+        add_fused_lm_head(m.get_base_model())
+    fused(reference, a).backward()
+    fused(reference, b).backward()
+    loss_a = fused(model, a)
+    loss_b = fused(model, b)
+    loss_b.backward()
+    loss_a.backward()
+    expected, got = grads(reference), grads(model)
+    assert expected.keys() == got.keys() and any("orchmoe_task_router" in n for n in got)
+    for name in expected:
+        assert torch.allclose(expected[name], got[name], atol=1e-5, rtol=1e-4), name
+
+
+def test_router_aux_loss_is_of_the_latest_training_forward_with_autograd_or_a_clear_error(arch: str) -> None:
+    """A no-grad train-mode call (a trainer's reference or metrics pass) leaves router_aux_loss() to the call whose
+    loss it joins; once that call is backpropagated, asking for it is an error that says what to do."""
+    model = model_for(arch, None)
+    tuner = orchmoe.get_tuner(model)
+    out_a = model(**labelled(arch, seed=0))
+    aux_a = tuner.router_aux_loss()
+    with torch.no_grad():
+        model(**labelled(arch, seed=1))
+    assert torch.equal(tuner.router_aux_loss(), aux_a) and tuner.router_aux_loss().requires_grad
+    out_b = model(**labelled(arch, seed=1))
+    assert not torch.equal(tuner.router_aux_loss(), aux_a)  # B's, the latest forward with autograd
+    out_b.loss.backward()
+    with pytest.raises(RuntimeError, match=r"already been backpropagated.*before any backward"):
+        tuner.router_aux_loss()
+    (out_a.loss + aux_a).backward()  # A's objective, taken right after A's forward, is still good
+
+
+def test_the_backward_probe_of_this_torch() -> None:
+    """``orchmoe.tuner.routing._in_backward`` reads torch's private ``torch._C._current_graph_task_id``: -1 outside
+    a backward, another value inside one. A torch upgrade that drops or changes it fails here, not silently."""
+    from orchmoe.tuner.routing import _in_backward
+
+    assert hasattr(torch._C, "_current_graph_task_id"), "torch dropped _current_graph_task_id: see routing.py"
+    seen: list[bool] = []
+    x = torch.ones(2, requires_grad=True)
+    y = (x * 2).sum()
+    y.grad_fn.register_hook(lambda *_: seen.append(_in_backward()))
+    assert not _in_backward()
+    y.backward()
+    assert seen == [True] and not _in_backward()

@@ -32,6 +32,7 @@ from .config import OrchMoEConfig
 from .features import input_embedding_modules, input_embeddings
 from .layer import Linear, OrchMoELayer, linear_features
 from .parameters import count_by_kind
+from .prompt import causal_routing_mask, routing_tokens
 from .router import TaskRouter, routing_entropies
 from .routing import CallRouting, RoutingSlot, RoutingState, hold_in_graph, republish_in_backward
 from .targets import check_per_example_batch, default_target_modules, text_module_prefix
@@ -224,10 +225,10 @@ class OrchMoEModel(BaseTuner):
             module.register_forward_hook(lambda _m, _a, out: hold_in_graph(out, routing))
             for module in input_embedding_modules(self.model)
         ]
-        head = self.model.get_output_embeddings() if hasattr(self.model, "get_output_embeddings") else None
-        if isinstance(head, nn.Module):
+        last = last_hidden_module(self.model)
+        if last is not None:
             slot = self.routing_slot
-            handles.append(head.register_forward_hook(lambda _m, _a, out: republish_in_backward(out, slot, routing)))
+            handles.append(last.register_forward_hook(lambda _m, _a, out: republished(out, slot, routing)))
         try:
             yield
         finally:
@@ -243,11 +244,13 @@ class OrchMoEModel(BaseTuner):
         if routing is None:
             return self.model(*args, **kwargs)
         self.routing_slot.set(routing)  # held by this frame for the call, then (in training) by its graph
+        if self._training and torch.is_grad_enabled():
+            self.routing_slot.set_for_loss(routing)  # the call whose router objective joins the loss
         with self._held_by_graph(routing, kwargs):
             output = self.model(*args, **kwargs)
         add = self.__dict__.get("add_router_loss_to_output", True)  # off: a trainer adds it (orchmoe.training)
         if add and self._training and getattr(output, "loss", None) is not None:
-            output.loss = self.add_router_loss(output.loss)
+            output.loss = self.add_router_loss(output.loss, state=routing.state)  # this call's own objective
         return output
 
     def generate(
@@ -264,26 +267,37 @@ class OrchMoEModel(BaseTuner):
 
     @property
     def routing_state(self) -> RoutingState:
-        """Routing statistics of the training call whose autograd graph is alive (between forward and backward)."""
-        routing = self.routing_slot.get()
+        """Routing statistics of the latest training-mode forward with autograd on, between that forward and its
+        backward (a no-grad call in between, such as a trainer's reference or metrics pass, does not replace it)."""
+        routing = self.routing_slot.get_for_loss()
         if routing is None or routing.state is None:
             raise RuntimeError(
                 "OrchMoE keeps no routing after a call: routing_state and router_aux_loss() are available between a "
-                "training-mode forward and the end of its backward. For the routing of a batch use orchmoe.routing."
+                "training-mode forward and its backward. For the routing of a batch use orchmoe.routing."
+            )
+        if routing.backpropagated:
+            raise RuntimeError(
+                "OrchMoE: the latest training forward has already been backpropagated, so its router objective is "
+                "spent; call router_aux_loss() right after the forward whose loss it joins, before any backward "
+                "(loss = out.loss + orchmoe.get_tuner(model).router_aux_loss())."
             )
         return routing.state
 
-    def router_aux_loss(self) -> torch.Tensor:
-        """``router_mi_weight * mi_loss`` of the training call in progress (for loops that compute their own loss)."""
-        return self.peft_config[self._adapter].router_mi_weight * self.routing_state.mi_loss
+    def router_aux_loss(self, state: RoutingState | None = None) -> torch.Tensor:
+        """``router_mi_weight * mi_loss`` of the training call in progress (``routing_state``), or of ``state``
+        (for loops that compute their own loss)."""
+        state = self.routing_state if state is None else state
+        return self.peft_config[self._adapter].router_mi_weight * state.mi_loss
 
-    def add_router_loss(self, loss: torch.Tensor, accumulation_steps: int = 1) -> torch.Tensor:
-        """``loss`` plus the router objective of the training call in progress, divided by ``accumulation_steps``
-        when ``loss`` is already a share of the optimizer step's loss. The one place the objective joins a loss:
-        ``forward`` (with ``labels``), ``orchmoe.OrchMoETrainer`` and the harness all add it here."""
+    def add_router_loss(
+        self, loss: torch.Tensor, accumulation_steps: int = 1, state: RoutingState | None = None
+    ) -> torch.Tensor:
+        """``loss`` plus the router objective of the training call in progress (or of ``state``), divided by
+        ``accumulation_steps`` when ``loss`` is already a share of the optimizer step's loss. The one place the
+        objective joins a loss: ``forward`` (with ``labels``), ``orchmoe.OrchMoETrainer`` and the harness."""
         if self.peft_config[self._adapter].router_mi_weight == 0:
             return loss
-        return loss + self.router_aux_loss() / accumulation_steps
+        return loss + self.router_aux_loss(state) / accumulation_steps
 
     # ----------------------------------------------------------------------------------------------- parameters
     def router_parameters_by_kind(self) -> dict[str, list[nn.Parameter]]:
@@ -333,65 +347,6 @@ class OrchMoEModel(BaseTuner):
         )
 
 
-def causal_routing_mask(kwargs: dict, routing_mask: Any, training: bool) -> Any:
-    """The prompt tokens of a causal LM call, so that training routes exactly as generation will (from the prompt).
-
-    ``routing_mask`` when given; else, with ``labels``, the tokens before each sequence's first label other than -100
-    (the prompt, as every completion-only collator masks it); else, in eval mode, all attended tokens (the input is
-    the prompt, as in ``generate``). In training mode with neither, the call is refused: the routing would read the
-    answer too. Packed rows (several sequences in one row, ``position_ids`` restarting) are refused, since a row gets
-    one routing. Both checks are asynchronous device assertions (no host sync).
-    """
-    position_ids = kwargs.get("position_ids")
-    if training and position_ids is not None and position_ids.dim() == 2 and position_ids.shape[1] > 1:
-        restart = position_ids.diff(dim=-1) < 0  # (B, L-1)
-        attention_mask = kwargs.get("attention_mask")
-        if attention_mask is not None and tuple(attention_mask.shape) == tuple(position_ids.shape):
-            attended = attention_mask.bool()
-            restart = restart & attended[:, 1:] & attended[:, :-1]  # padding's positions (e.g. TRL's 0s) don't count
-        torch._assert_async(
-            ~restart.any(),
-            "OrchMoE routes each row from its prompt and cannot route packed rows (position_ids restart inside a "
-            "row): turn packing off (SFTConfig(packing=False), no DataCollatorWithFlattening).",
-        )
-    if routing_mask is not None:
-        return routing_mask
-    labels = kwargs.get("labels")
-    if labels is not None:
-        prompt = (labels != -100).cumsum(dim=-1) == 0  # (B, L): before the first supervised token
-        torch._assert_async(
-            prompt.any(dim=-1).all(),
-            "OrchMoE derives the prompt from labels (the tokens before the first label other than -100), and an "
-            "example's labels supervise its first token: mask the prompt in labels with -100, or pass routing_mask.",
-        )
-        return prompt
-    if training:
-        raise ValueError(
-            "OrchMoE needs the prompt of each training sequence, to route training as generation will: pass labels "
-            "with the prompt masked to -100 (as completion-only collators do), or routing_mask (1 on prompt tokens)."
-        )
-    return None
-
-
-def routing_tokens(
-    shape: tuple[int, int], device: torch.device, attention_mask: Any, routing_mask: Any
-) -> torch.Tensor:
-    """The tokens to route from (B, L): ``attention_mask`` and ``routing_mask`` where given. An example with none
-    fails with an asynchronous device assertion (no host sync)."""
-    mask = torch.ones(shape, dtype=torch.bool, device=device)
-    for mask_name, given in (("attention_mask", attention_mask), ("routing_mask", routing_mask)):
-        if given is None:
-            continue
-        if tuple(given.shape) != shape:
-            raise ValueError(
-                f"OrchMoE: `{mask_name}` has shape {tuple(given.shape)} but the input has shape {shape}; it "
-                "must mark the prompt tokens of each sequence (1 = route from this token)."
-            )
-        mask = mask & given.to(device=device).bool()
-    torch._assert_async(mask.any(dim=1).all(), "OrchMoE: an example of the batch has no routing token (empty prompt).")
-    return mask
-
-
 def check_adapter_fits(
     model_state: dict[str, torch.Tensor], adapter_state: dict[str, torch.Tensor], adapter_name: str, config: Any
 ) -> None:
@@ -413,3 +368,25 @@ def check_adapter_fits(
             f"Cannot load this OrchMoE adapter: {len(missing)} of the model's adapter tensors are absent from it "
             f"(first: {missing[0]!r}). The adapter was trained on {source} with other target modules."
         )
+
+
+def last_hidden_module(model: nn.Module) -> nn.Module | None:
+    """The module whose output is the language model's last hidden state (``get_decoder()``), the head's input; the
+    output head itself where a model has no decoder to name."""
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
+    if isinstance(decoder, nn.Module) and decoder is not model:
+        return decoder
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return head if isinstance(head, nn.Module) else None
+
+
+def republished(output: Any, slot: RoutingSlot, routing: CallRouting) -> Any:
+    """``output`` (a tensor, a tuple or a ``ModelOutput`` whose first field is the hidden state) with its hidden state
+    passed through :func:`republish_in_backward`."""
+    if isinstance(output, torch.Tensor):
+        return republish_in_backward(output, slot, routing)
+    hidden = republish_in_backward(output[0], slot, routing)
+    if isinstance(output, tuple):
+        return (hidden, *output[1:])
+    output[next(iter(output.keys()))] = hidden  # a ModelOutput: its first field (last_hidden_state)
+    return output

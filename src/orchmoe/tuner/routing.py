@@ -8,9 +8,9 @@ the model never keeps a routing alive by itself. What keeps it alive:
 - in training with autograd on, the autograd graph of the call: :func:`hold_in_graph` passes the embedding output
   through an identity node whose context holds the routing. Gradient checkpointing recomputes layers during
   backward, before that node runs (every layer is downstream of it), so a recomputed layer finds the same routing;
-  once backward has freed the graph, nothing holds it. An identity node on the model's output
-  (:func:`republish_in_backward`), the first node its backward runs, publishes the routing again, in case another
-  call ran between this call's forward and backward.
+  once backward has freed the graph, nothing holds it. An identity node on the language model's last hidden state
+  (:func:`republish_in_backward`), whose backward runs before any layer's, publishes the routing again, in case
+  another call ran between this call's forward and backward.
 
 Reentrant checkpointing recomputes a layer inside a nested ``backward`` call, which must not run through the
 routers' graph (it is shared by every layer and would be freed by the first nested call). During such a
@@ -47,6 +47,7 @@ class CallRouting:
     weights: dict[nn.Module, torch.Tensor]  # layer -> (B, S*r) or (B, S)
     state: RoutingState | None = None
     recomputed_grads: dict[nn.Module, torch.Tensor] = field(default_factory=dict)  # of reentrant recomputations
+    backpropagated: bool = False  # set when backward has passed through the call's graph (its loss is spent)
 
     def for_layer(self, layer: nn.Module) -> torch.Tensor | None:
         weights = self.weights.get(layer)
@@ -62,19 +63,26 @@ class CallRouting:
 
 
 def _in_backward() -> bool:
+    """Whether autograd's engine is running a backward on this thread (a reentrant checkpoint's recomputation).
+
+    torch has no public API for this; ``torch._C._current_graph_task_id`` (-1 outside backward, since torch 1.13)
+    is pinned by ``tests/tuner/test_routing.py::test_the_backward_probe_of_this_torch``, which fails on a torch
+    that drops or changes it."""
     return torch._C._current_graph_task_id() != -1
 
 
 class RoutingSlot:
-    """Shared by a tuner and its layers: a weak reference to the routing of the call in progress.
+    """Shared by a tuner and its layers: a weak reference to the routing of the call in progress, and one to the
+    routing of the latest training call with autograd on (whose router objective joins the loss).
 
     Copies and pickles of a model get an empty slot (a routing belongs to one call, never to the model).
     """
 
-    __slots__ = ("__weakref__", "_ref")
+    __slots__ = ("__weakref__", "_loss_ref", "_ref")
 
     def __init__(self) -> None:
         self._ref: weakref.ReferenceType[CallRouting] | None = None
+        self._loss_ref: weakref.ReferenceType[CallRouting] | None = None
 
     def get(self) -> CallRouting | None:
         return None if self._ref is None else self._ref()
@@ -84,13 +92,23 @@ class RoutingSlot:
         as long as the call's autograd graph (if any) holds the routing."""
         self._ref = None if routing is None else weakref.ref(routing)
 
+    def get_for_loss(self) -> CallRouting | None:
+        """The routing of the latest training call with autograd on (a no-grad call in train mode, e.g. a trainer's
+        metrics or reference pass, does not replace it)."""
+        return None if self._loss_ref is None else self._loss_ref()
+
+    def set_for_loss(self, routing: CallRouting) -> None:
+        self._loss_ref = weakref.ref(routing)
+
     def __reduce__(self) -> tuple[type, tuple]:
         return RoutingSlot, ()
 
 
 class _RepublishInBackward(torch.autograd.Function):
-    """Identity on the model's output (a view: no copy); its backward, the first of the call's graph to run,
-    publishes the call's routing again, so recomputations in this backward use it even if another call ran since."""
+    """Identity on the language model's last hidden state (a view: no copy); its backward, which runs before any
+    layer's, publishes the call's routing again, so recomputations in this backward use it even if another call ran
+    since. On the hidden state rather than the output head's logits, so that a loss that never calls the head
+    module (a fused linear cross-entropy, TRL's ``fused_lm_head``) gets it too."""
 
     @staticmethod
     def forward(ctx: Any, output: torch.Tensor, slot: RoutingSlot, routing: CallRouting) -> torch.Tensor:
@@ -120,6 +138,7 @@ class _HoldInGraph(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        ctx.routing.backpropagated = True
         recomputed = ctx.routing.recomputed_grads
         return (grad, None, None, *(recomputed.pop(layer, None) for layer in ctx.layers))
 
