@@ -76,7 +76,9 @@ def test_a_missing_extra_is_named_in_one_line(missing: str, code: str, extra: st
     message = [line for line in result.stderr.splitlines() if f'pip install "orchmoe[{extra}]"' in line]
     assert len(message) == 1 and missing in message[0], result.stderr
     if code.startswith("from orchmoe.cli"):  # the command prints that line only, no traceback
-        assert result.returncode == 2 and result.stderr.strip() == message[0]
+        # bitsandbytes (imported by peft) logs at import on CPUs with AVX512-BF16 that `kernels` is not installed
+        ours = [line for line in result.stderr.splitlines() if "kernels-community" not in line]
+        assert result.returncode == 2 and ours == [message[0]], result.stderr
 
 
 @pytest.mark.skipif(find_spec("rouge_score") is not None, reason="the harness is installed (`make test-wheel` has not)")

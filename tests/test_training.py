@@ -12,7 +12,7 @@ import torch
 from datasets import Dataset
 from peft import get_peft_model
 from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
-from trl import SFTConfig, SFTTrainer
+from trl import DPOConfig, DPOTrainer, GRPOConfig, GRPOTrainer, SFTConfig, SFTTrainer
 
 import orchmoe
 from orchmoe import OrchMoEConfig
@@ -156,6 +156,126 @@ def test_sft_trainer_routes_on_prompts_and_keeps_the_router_loss(tmp_path, train
     assert len(routed) == 4 and set(routed) <= set(prompt_lengths(12))
 
 
+class RecordRoutes:
+    """Every call's routing: tokens routed per sequence, whether as at inference (``deterministic``), with autograd."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.calls: list[tuple[list[int], bool, bool]] = []
+        router = orchmoe.get_tuner(model).task_router()
+        router.register_forward_hook(self, with_kwargs=True)
+
+    def __call__(self, module: torch.nn.Module, args: tuple, kwargs: dict, output: torch.Tensor) -> None:
+        routed = [int(n) for n in args[1].sum(dim=1)]
+        self.calls.append((routed, bool(kwargs.get("deterministic", False)), torch.is_grad_enabled()))
+
+
+def adapter_params(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def changed(before: dict[str, torch.Tensor], model: torch.nn.Module) -> set[str]:
+    return {n for n, p in model.named_parameters() if n in before and not torch.equal(p, before[n])}
+
+
+RL_COMMON = {**COMMON, "max_steps": 2}
+TRL_CASES = [("plain", "orchmoe"), ("OrchMoE", "orchmoe"), ("plain", "lora")]  # a LoRA control: the setup trains
+
+
+def prompts_by_length(n: int) -> list[int]:
+    return sorted(prompt_lengths(n))
+
+
+@pytest.mark.parametrize(("trainer", "method"), TRL_CASES)
+def test_dpo_routes_chosen_and_rejected_from_their_prompt(tmp_path: Path, trainer: str, method: str) -> None:
+    """TRL's DPOTrainer scores chosen and rejected completions of a prompt in one batch: each of the 2B sequences
+    is routed from its prompt alone, in training (with autograd); OrchMoEDPOTrainer adds the router objective, so
+    the Task Router moves in the first step although every skill's B is zero (plain DPO drops it)."""
+    model = orchmoe_model(init_weights=True) if method == "orchmoe" else lora_model()
+    dataset = Dataset.from_list([{"prompt": r["prompt"], "chosen": r["completion"], "rejected": " 0"} for r in rows(8)])
+    cls = orchmoe.OrchMoEDPOTrainer if trainer == "OrchMoE" else DPOTrainer
+    dpo = cls(model=model, args=DPOConfig(output_dir=str(tmp_path), **{**RL_COMMON, "max_steps": 1}),
+              train_dataset=dataset, processing_class=TOKENIZER)  # fmt: skip
+    before = adapter_params(dpo.model)
+    record = RecordRoutes(dpo.model) if method == "orchmoe" else None
+    dpo.train()
+    moved = changed(before, dpo.model)
+    if record is None:
+        assert moved  # the LoRA control trains: the setup is sound
+        return
+    assert record.calls and all(grad and not deterministic for _, deterministic, grad in record.calls)
+    (routed, _, _), *rest = record.calls
+    assert not rest and len(routed) == 8  # one training forward: 4 chosen, then the same 4 prompts' rejected
+    assert routed[:4] == routed[4:] and set(routed) <= set(prompt_lengths(8))  # each routed from its prompt
+    router_moved = any("orchmoe_task_router" in n for n in moved)
+    assert router_moved == (trainer == "OrchMoE")
+
+
+@pytest.mark.parametrize(("trainer", "method"), TRL_CASES)
+def test_grpo_samples_and_trains_routed_from_the_prompt(tmp_path: Path, trainer: str, method: str) -> None:
+    """TRL's GRPOTrainer samples with generate in train mode (routed from the left-padded prompt, as at inference:
+    no Gumbel noise, running statistics) and trains on prompt + completion (routed from the same prompt, with
+    autograd)."""
+    model = orchmoe_model() if method == "orchmoe" else lora_model()
+    dataset = Dataset.from_list([{"prompt": r["prompt"]} for r in rows(8)])
+    args = GRPOConfig(output_dir=str(tmp_path), **RL_COMMON, num_generations=2, max_completion_length=4)
+    cls = orchmoe.OrchMoEGRPOTrainer if trainer == "OrchMoE" else GRPOTrainer
+    grpo = cls(model=model, reward_funcs=lambda completions, **_: [float(len(set(c))) for c in completions],
+               args=args, train_dataset=dataset, processing_class=TOKENIZER)  # fmt: skip
+    before = adapter_params(grpo.model)
+    record = RecordRoutes(grpo.model) if method == "orchmoe" else None
+    grpo.train()
+    if record is None:
+        assert changed(before, grpo.model)
+        return
+    sampled = [lengths for lengths, deterministic, grad in record.calls if deterministic and not grad]
+    trained = [lengths for lengths, deterministic, grad in record.calls if grad and not deterministic]
+    assert len(sampled) == 2 and len(trained) == 2 and len(record.calls) == 4
+    assert all(set(lengths) <= set(prompt_lengths(8)) for lengths in sampled + trained)
+    flat = [sorted(n for lengths in calls for n in lengths) for calls in (sampled, trained)]
+    assert flat[0] == flat[1]  # trained from the prompts it sampled from
+    if trainer == "OrchMoE":
+        groups = grpo.optimizer.param_groups
+        assert any({id(p) for p in g["params"]} == set(map(id, orchmoe.get_tuner(model).router_parameters()))
+                   for g in groups)  # fmt: skip
+
+
+def smoothed_or_custom(kind: str) -> dict:
+    if kind == "label_smoothing":
+        return {"args": {"label_smoothing_factor": 0.1}}
+
+    def loss_func(outputs, labels, num_items_in_batch=None):  # a user's own loss from the full logits
+        logits = outputs.logits[:, :-1].flatten(0, 1)
+        return torch.nn.functional.cross_entropy(logits, labels[:, 1:].flatten(), ignore_index=-100)
+
+    return {"trainer": {"compute_loss_func": loss_func}}
+
+
+@pytest.mark.parametrize("kind", ["compute_loss_func", "label_smoothing"])
+@pytest.mark.parametrize(("trainer", "method"), TRL_CASES)
+def test_sft_losses_from_logits_route_from_the_prompt(tmp_path: Path, kind: str, trainer: str, method: str) -> None:
+    """SFTTrainer with compute_loss_func or label smoothing calls the model without labels: OrchMoESFTTrainer routes
+    it from the prompt (derived from the labels first); plain SFTTrainer is refused with a message naming it."""
+    model = orchmoe_model() if method == "orchmoe" else lora_model()
+    extra = smoothed_or_custom(kind)
+    args = SFTConfig(output_dir=str(tmp_path), **{**COMMON, "max_steps": 1}, **extra.get("args", {}))
+    cls = orchmoe.OrchMoESFTTrainer if trainer == "OrchMoE" else SFTTrainer
+    sft = cls(model=model, args=args, train_dataset=sft_dataset(), processing_class=TOKENIZER,
+              **extra.get("trainer", {}))  # fmt: skip
+    before = adapter_params(model)
+    if method == "lora":
+        sft.train()
+        assert changed(before, model)
+        return
+    record = RecordRoutes(model)
+    if trainer == "plain":
+        with pytest.raises(ValueError, match="OrchMoESFTTrainer"):
+            sft.train()
+        return
+    sft.train()
+    trained = [lengths for lengths, _, grad in record.calls if grad]
+    assert len(trained) == 1 and set(trained[0]) <= set(prompt_lengths(12)) and changed(before, model)
+
+
 def test_sft_packing_is_refused(tmp_path: Path) -> None:
     args = SFTConfig(output_dir=str(tmp_path), **COMMON, packing=True)
     with pytest.raises(ValueError, match="packing=False"):
@@ -167,6 +287,8 @@ EXAMPLES = [
     ["examples/trainer.py"],
     ["examples/trainer.py", "--bf16", "--gradient-checkpointing"],
     ["examples/trl_sft.py"],
+    ["examples/dpo.py"],
+    ["examples/grpo.py"],
     ["examples/qlora.py"],
 ]
 

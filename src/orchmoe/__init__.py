@@ -15,7 +15,15 @@ __version__ = "0.1.0"
 _LAZY = {  # name -> the module that defines it, imported on first use
     "export_lora": "export",
     **dict.fromkeys(
-        ("OrchMoESFTTrainer", "OrchMoETrainer", "OrchMoETrainerMixin", "RelaxationSchedule", "set_relaxation"),
+        (
+            "OrchMoEDPOTrainer",
+            "OrchMoEGRPOTrainer",
+            "OrchMoESFTTrainer",
+            "OrchMoETrainer",
+            "OrchMoETrainerMixin",
+            "RelaxationSchedule",
+            "set_relaxation",
+        ),
         "training",
     ),
 }

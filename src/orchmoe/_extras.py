@@ -3,7 +3,7 @@
 ``pip install orchmoe`` is the peft method (torch, transformers, peft, safetensors). The rest is opt-in:
 
 - ``orchmoe[harness]``: the ``orchmoe`` command, SNI data, metrics, plots and the default model;
-- ``orchmoe[trl]``: ``orchmoe.OrchMoESFTTrainer``;
+- ``orchmoe[trl]``: ``orchmoe.OrchMoESFTTrainer``, ``OrchMoEDPOTrainer``, ``OrchMoEGRPOTrainer``;
 - ``orchmoe[kbit]``: 4-bit and 8-bit bases (bitsandbytes).
 """
 

@@ -1,4 +1,4 @@
-"""Train OrchMoE where users train: Hugging Face ``Trainer`` and TRL's ``SFTTrainer``.
+"""Train OrchMoE where users train: Hugging Face ``Trainer`` and TRL's ``SFTTrainer``, ``DPOTrainer``, ``GRPOTrainer``.
 
 ``OrchMoETrainerMixin`` adds to any ``Trainer`` subclass what OrchMoE needs beyond a peft method's defaults:
 
@@ -6,7 +6,8 @@
   own, without weight decay;
 - the router objective in the loss, also when the trainer computes its loss itself (TRL's SFTTrainer does);
 - the Skill Router's relaxation schedules (``temperature_end``, ``noise_scale_end``) as a callback;
-- the ``routing_mask`` column kept when a dataset has one (else the model derives the prompt from ``labels``);
+- the ``routing_mask`` column kept when a dataset has one, else derived from ``labels`` before the loss, so that a
+  loss that calls the model without labels (``compute_loss_func``, label smoothing) routes from the prompt too;
 - packing refused (a packed row holds several prompts but gets one routing).
 
 ``OrchMoETrainer`` also computes the training loss with the output head applied only where labels supervise
@@ -14,8 +15,11 @@
 prompt's logits (``supervised_head=False`` for losses that need every logit; ``compute_loss_func`` and label
 smoothing take the full logits anyway). TRL's ``SFTTrainer`` has its own fused head for this.
 
-``OrchMoETrainer`` is ``transformers.Trainer`` with it; ``OrchMoESFTTrainer`` is TRL's ``SFTTrainer`` with it (when
-TRL is installed). For any other trainer: ``class MyTrainer(OrchMoETrainerMixin, TheirTrainer)``. Gradient
+``OrchMoETrainer`` is ``transformers.Trainer`` with it; ``OrchMoESFTTrainer``, ``OrchMoEDPOTrainer`` and
+``OrchMoEGRPOTrainer`` are TRL's trainers with it (when TRL is installed). Plain TRL routes each sequence from its
+prompt too (DPO and GRPO score completions with labels that mask the prompt; GRPO samples with ``generate``, which
+routes from the prompt in train mode as at inference) but drops the router objective and the routers' learning
+rate. For any other trainer: ``class MyTrainer(OrchMoETrainerMixin, TheirTrainer)``. Gradient
 checkpointing, bf16/fp16 and ``torchrun`` / ``accelerate launch`` work as with LoRA.
 """
 
@@ -185,12 +189,14 @@ class OrchMoETrainerMixin:
     def compute_loss(
         self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool = False, num_items_in_batch: Any = None
     ) -> Any:
-        """The trainer's loss plus the router objective, added here once whether the trainer uses the model's loss
-        (Trainer) or computes its own (TRL); averaged over accumulation steps when the trainer leaves accumulation
-        to the loss (``num_items_in_batch``), as TRL does for MoE auxiliary losses."""
+        """The trainer's loss plus the router objective, added here once per micro-batch whether the trainer uses the
+        model's loss (Trainer) or computes its own (TRL), and scaled as the trainer scales its loss under gradient
+        accumulation. A causal LM's batch with ``labels`` gets its ``routing_mask`` (the prompt) from them first, so
+        that losses computed from logits without labels (``compute_loss_func``, label smoothing) route alike."""
         unwrapped = self.accelerator.unwrap_model(model)
         if not (unwrapped.training and is_orchmoe(unwrapped)):
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch=num_items_in_batch)
+        inputs = with_routing_mask(unwrapped, inputs)
         tuner = get_tuner(unwrapped)
         tuner.add_router_loss_to_output = False
         try:
@@ -198,9 +204,28 @@ class OrchMoETrainerMixin:
         finally:
             tuner.add_router_loss_to_output = True
         loss, outputs = result if return_outputs else (result, None)
-        steps = self.current_gradient_accumulation_steps if num_items_in_batch is not None else 1
+        steps = self.current_gradient_accumulation_steps if self._loss_is_a_share(num_items_in_batch) else 1
         loss = tuner.add_router_loss(loss, steps)
         return (loss, outputs) if return_outputs else loss
+
+    def _loss_is_a_share(self, num_items_in_batch: Any) -> bool:
+        """Whether the trainer's loss is already a share of the optimizer step's (so ``training_step`` does not
+        divide it by the accumulation steps): ``Trainer.training_step``'s own rule."""
+        declared = getattr(self, "loss_is_scaled_for_ga", None)  # TRL's trainers declare it (GRPO: True)
+        if declared is not None:
+            return bool(declared)
+        return bool(self.model_accepts_loss_kwargs and num_items_in_batch is not None) or (
+            self.compute_loss_func is not None
+        )
+
+
+def with_routing_mask(model: nn.Module, inputs: dict[str, Any]) -> dict[str, Any]:
+    """``inputs`` of a causal LM with ``labels`` and no ``routing_mask``, plus the prompt the model would derive
+    from those labels as ``routing_mask``; any other ``inputs`` as they are."""
+    labels = inputs.get("labels")
+    if labels is None or inputs.get("routing_mask") is not None or getattr(model.config, "is_encoder_decoder", False):
+        return inputs
+    return {**inputs, "routing_mask": causal_routing_mask({**inputs}, None, True)}
 
 
 class SupervisedHeadMixin:
@@ -221,8 +246,6 @@ class SupervisedHeadMixin:
         inputs = dict(inputs)
         labels = inputs.pop("labels")
         encoder_decoder = bool(getattr(unwrapped.config, "is_encoder_decoder", False))
-        if is_orchmoe(unwrapped) and not encoder_decoder:  # the prompt, as the model derives it from labels
-            inputs["routing_mask"] = causal_routing_mask({**inputs, "labels": labels}, inputs.get("routing_mask"), True)
         loss_sum, n_tokens, outputs = supervised_loss_sum(model, labels, encoder_decoder, **inputs)
         scaled = self.model_accepts_loss_kwargs and num_items_in_batch is not None  # as Trainer normalises it
         loss = loss_sum / (num_items_in_batch if scaled else n_tokens.clamp(min=1))
@@ -236,14 +259,21 @@ class OrchMoETrainer(OrchMoETrainerMixin, SupervisedHeadMixin, Trainer):
     schedule, and the output head on supervised positions only."""
 
 
-def __getattr__(name: str) -> Any:
-    if name == "OrchMoESFTTrainer":  # only when TRL is installed
-        require("trl", "orchmoe.OrchMoESFTTrainer")
-        from trl import SFTTrainer
+TRL_TRAINERS = {
+    "OrchMoESFTTrainer": "SFTTrainer",
+    "OrchMoEDPOTrainer": "DPOTrainer",
+    "OrchMoEGRPOTrainer": "GRPOTrainer",
+}
 
-        trainer = type(
-            "OrchMoESFTTrainer", (OrchMoETrainerMixin, SFTTrainer), {"__doc__": "TRL's SFTTrainer for OrchMoE."}
-        )
+
+def __getattr__(name: str) -> Any:
+    if name in TRL_TRAINERS:  # only when TRL is installed
+        require("trl", f"orchmoe.{name}")
+        import trl
+
+        base = getattr(trl, TRL_TRAINERS[name])
+        doc = f"TRL's {base.__name__} for OrchMoE (see orchmoe.training.OrchMoETrainerMixin)."
+        trainer = type(name, (OrchMoETrainerMixin, base), {"__doc__": doc, "__module__": __name__})
         globals()[name] = trainer
         return trainer
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

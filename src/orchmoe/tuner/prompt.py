@@ -42,7 +42,9 @@ def causal_routing_mask(kwargs: dict, routing_mask: Any, training: bool) -> Any:
     if training:
         raise ValueError(
             "OrchMoE needs the prompt of each training sequence, to route training as generation will: pass labels "
-            "with the prompt masked to -100 (as completion-only collators do), or routing_mask (1 on prompt tokens)."
+            "with the prompt masked to -100 (as completion-only collators do), or routing_mask (1 on prompt tokens). "
+            "A trainer whose loss calls the model without labels (compute_loss_func, label smoothing): use "
+            "orchmoe.OrchMoETrainer or orchmoe.OrchMoESFTTrainer, which pass routing_mask from the labels."
         )
     return None
 
