@@ -6,12 +6,13 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 from datasets import Dataset
 from peft import get_peft_model
-from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
+from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments
 from trl import DPOConfig, DPOTrainer, GRPOConfig, GRPOTrainer, SFTConfig, SFTTrainer
 
 import orchmoe
@@ -27,10 +28,10 @@ COMMON = {"max_steps": 3, "per_device_train_batch_size": 4, "learning_rate": 1e-
           "report_to": [], "use_cpu": True, "logging_steps": 1}  # fmt: skip
 
 
-def orchmoe_model(init_weights: bool = False, router_lr_multiplier: float = 1.0) -> torch.nn.Module:
+def orchmoe_model(init_weights: bool = False, router_lr_multiplier: float = 1.0, **config: Any) -> torch.nn.Module:
     config = OrchMoEConfig(n_abstract_tasks=3, n_skills=4, r=2, target_modules=["q_proj", "v_proj"],
                            task_type="CAUSAL_LM", init_weights=init_weights,
-                           router_lr_multiplier=router_lr_multiplier)  # fmt: skip
+                           router_lr_multiplier=router_lr_multiplier, **config)  # fmt: skip
     torch.manual_seed(0)
     return get_peft_model(tiny_model("tiny-gemma3", vocab_size=len(TOKENIZER), seed=0), config)
 
@@ -129,6 +130,73 @@ def test_orchmoe_trainer_head_on_supervised_positions_trains_as_full_logits(
     answers = [len(TOKENIZER(r["completion"], add_special_tokens=False)["input_ids"]) + 1 for r in rows(12)]
     assert sum(fast[2]) == sum(answers)  # each supervised token once (its answer and EOS), nothing of the prompt
     assert sum(full[2]) > 2 * sum(fast[2])
+
+
+class StepRecord(TrainerCallback):
+    """The micro-batches the trainer's loss received and the gradients before the optimizer step."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.batches: list[dict[str, torch.Tensor]] = []
+        self.grads: dict[str, torch.Tensor] = {}
+        self.model = model
+
+    def on_pre_optimizer_step(self, *_: object, **__: object) -> None:
+        self.grads = {n: p.grad.clone() for n, p in self.model.named_parameters() if p.grad is not None}
+
+
+class RecordingTrainer(orchmoe.OrchMoETrainer):
+    def compute_loss(self, model, inputs, *args, **kwargs):
+        self.record.batches.append({k: v.clone() for k, v in inputs.items()})
+        return super().compute_loss(model, inputs, *args, **kwargs)
+
+
+def one_step(tmp_path: Path, model: torch.nn.Module, batch: int, accumulation: int) -> StepRecord:
+    record = StepRecord(model)
+    common = {**COMMON, "max_steps": 1, "per_device_train_batch_size": batch}
+    args = TrainingArguments(output_dir=str(tmp_path), **common, gradient_accumulation_steps=accumulation,
+                             max_grad_norm=0.0)  # fmt: skip
+    collator = DataCollatorForSeq2Seq(TOKENIZER, label_pad_token_id=-100)
+    trainer = RecordingTrainer(model=model, args=args, train_dataset=tokenized(), data_collator=collator,
+                               callbacks=[record])  # fmt: skip
+    trainer.record = record
+    trainer.train()
+    return record
+
+
+def replayed(model: torch.nn.Module, batches: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """The gradients of one optimizer step over ``batches`` by hand: the language-model loss summed over every
+    supervised token of the step over their count, plus each micro-batch's router objective over the count of
+    micro-batches (what a step's loss is under gradient accumulation)."""
+    model.train()
+    tuner = orchmoe.get_tuner(model)
+    tuner.add_router_loss_to_output = False
+    tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
+    for b in batches:
+        out = model(**b)
+        n = int((b["labels"][:, 1:] != -100).sum())
+        (out.loss * n / tokens + tuner.router_aux_loss() / len(batches)).backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("method", ["orchmoe", "lora"])
+def test_gradient_accumulation_adds_the_router_objective_once_per_micro_batch_scaled_as_the_loss(
+    tmp_path: Path, method: str
+) -> None:
+    """OrchMoETrainer, gradient accumulation 2: the step's gradients are the language-model loss over all the step's
+    tokens plus each micro-batch's router objective / 2 (replayed by hand on the micro-batches it ran). LoRA, which
+    has no batch statistics, equals one batch of twice the size; OrchMoE's Task Router centres over its micro-batch
+    (as BatchNorm does) and the router objective's marginal is a micro-batch's, so there the unit is the micro-batch."""
+    make = (lambda: orchmoe_model(noise_scale=0.0)) if method == "orchmoe" else lora_model
+    accumulated = one_step(tmp_path / "ga2", make(), batch=2, accumulation=2)
+    assert len(accumulated.batches) == 2
+    if method == "lora":
+        whole = one_step(tmp_path / "ga1", make(), batch=4, accumulation=1)
+        expected = whole.grads
+    else:
+        expected = replayed(make(), accumulated.batches)
+    assert expected.keys() == accumulated.grads.keys() and expected
+    for name, grad in expected.items():
+        torch.testing.assert_close(accumulated.grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
 def sft_dataset(n: int = 12) -> Dataset:
