@@ -18,6 +18,7 @@ parallelism) only in training mode.
 from __future__ import annotations
 
 import re
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -35,7 +36,13 @@ from .parameters import count_by_kind
 from .prompt import causal_routing_mask, routing_tokens
 from .router import TaskRouter, routing_entropies
 from .routing import CallRouting, RoutingSlot, RoutingState, hold_in_graph, republish_in_backward
-from .targets import check_per_example_batch, default_target_modules, text_module_prefix
+from .targets import (
+    check_per_example_batch,
+    default_target_modules,
+    named_by_suffix,
+    outside_language_model,
+    text_module_prefix,
+)
 
 
 @dataclass
@@ -70,10 +77,30 @@ class OrchMoEModel(BaseTuner):
         if "routing_slot" not in self.__dict__:
             self.routing_slot = RoutingSlot()
         self._task_router_pending = adapter_name  # the first layer created for this adapter hosts its Task Router
+        self._left_out: list[str] = []
         try:
             super().inject_adapter(model, adapter_name, *args, **kwargs)
         finally:
             self._task_router_pending = None
+        if self._left_out:
+            warnings.warn(
+                f"OrchMoE adapts the language model only: {len(self._left_out)} modules of a vision/audio tower or "
+                f"projector match target_modules by name and are left out (first: {self._left_out[0]!r}); their "
+                "batch holds images, not examples.",
+                stacklevel=3,
+            )
+
+    def _check_target_module_exists(self, config: OrchMoEConfig, key: str) -> Any:
+        """peft's matching, except in a multimodal model: a module outside the language model that a target names by
+        suffix is left out (and reported once by ``inject_adapter``); one named by path or regex is refused."""
+        found = super()._check_target_module_exists(config, key)
+        if not found or type(found).__name__ == "_ExcludedModule" or not outside_language_model(key, self._text_prefix):
+            return found
+        if named_by_suffix(config.target_modules, key):
+            self._left_out.append(key)
+            return False
+        check_per_example_batch(key, self._text_prefix)  # raises
+        return found
 
     def _create_and_replace(
         self,

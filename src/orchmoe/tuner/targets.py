@@ -1,12 +1,16 @@
 """Which modules OrchMoE may adapt: those whose batch dimension is the batch of examples.
 
 OrchMoE gives each example its own skill weights, so an adapted module's input must be indexed by example (or by
-example x beam). In a multimodal model the vision (or audio) tower runs over images, not examples: the number of
-images per example varies, so no per-example routing can be mapped onto its batch. Those towers are left out of the
-default targets and refused when targeted explicitly; the language model (and its head) is adapted as usual.
+example x beam). In a multimodal model the vision (or audio) tower and its projector run over images, not examples:
+the number of images per example varies, so no per-example routing can be mapped onto their batch. Target names
+given as suffixes (``["q_proj", "v_proj"]``, the usual form) therefore adapt the language model's modules of those
+names and leave the towers' out, saying so once; a target that names a tower module by its path, or a regex
+``target_modules`` that matches one, is refused. The output head is not a default target of any model.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 from torch import nn
@@ -28,12 +32,25 @@ def text_module_prefix(model: nn.Module) -> str | None:
 
 def check_per_example_batch(key: str, text_prefix: str | None) -> None:
     """Refuse a target outside the language model of a multimodal model (``text_prefix``), naming the way out."""
-    if text_prefix is not None and not key.startswith(text_prefix + "."):
+    if outside_language_model(key, text_prefix):
         raise ValueError(
             f"OrchMoE cannot adapt {key!r}: it is outside the language model, in a vision/audio tower or projector "
             "whose batch holds images rather than examples, so no example's routing can be assigned to it. Target "
-            f"modules under {text_prefix!r} only, e.g. leave target_modules unset."
+            f"modules under {text_prefix!r} only: name them by suffix (e.g. ['q_proj', 'v_proj'], which leaves the "
+            "towers' modules of those names out) or leave target_modules unset."
         )
+
+
+def outside_language_model(key: str, text_prefix: str | None) -> bool:
+    return text_prefix is not None and not key.startswith(text_prefix + ".")
+
+
+def named_by_suffix(target_modules: Any, key: str) -> bool:
+    """Whether ``key`` matches ``target_modules`` by a bare module name only (``"q_proj"``), not by a dotted path
+    or a regex: a module a user named for the language model that a tower happens to share."""
+    if isinstance(target_modules, str) or target_modules is None:
+        return False
+    return all("." not in t for t in target_modules if key == t or key.endswith(f".{t}"))
 
 
 def default_target_modules(model: nn.Module) -> list[str]:
