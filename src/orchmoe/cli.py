@@ -124,7 +124,9 @@ def main(argv: list[str] | None = None) -> int:
 
             cfg = resolve(_flags(args), args.config)
             result = train(cfg, args.out, resume=args.resume, overwrite=args.overwrite, progress=progress)
-            print(f"trained {cfg.method}: {result.steps} steps in {result.seconds:.0f} s -> {args.out / 'adapter'}")
+            resumed = f" (resumed after step {result.resumed_from})" if result.resumed_from else ""
+            saved = args.out / "adapter"
+            print(f"trained {cfg.method}: {result.steps} steps{resumed} in {result.seconds:.0f} s -> {saved}")
         elif args.command == "eval":
             from .pipeline.evaluate import evaluate_run
 

@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 
 from orchmoe.cli import main
 from orchmoe.models import tiny_model
+from orchmoe.pipeline import checkpoint
 from orchmoe.pipeline.evaluate import load_trained
 from orchmoe.tuner import SkillRouter
 from tests.conftest import VOCAB
@@ -89,7 +90,9 @@ def test_existing_output_is_not_clobbered(tmp_path: Path, capsys) -> None:
         ("orchmoe", ["--load-in-8bit", "--gradient-checkpointing"]),
     ],
 )
-def test_resume_from_a_checkpoint_gives_the_uninterrupted_adapter(tmp_path: Path, method: str, options) -> None:
+def test_resume_from_a_checkpoint_gives_the_uninterrupted_adapter(
+    tmp_path: Path, method: str, options, capsys: pytest.CaptureFixture
+) -> None:
     args = [*TINY, "--method", method, "--epochs", "3", "--max-steps", "6", "--checkpoint-every", "3"]
     args += ["--grad-accum", "2", *options]
     run("train", "--out", str(tmp_path / "a"), *args)
@@ -98,7 +101,9 @@ def test_resume_from_a_checkpoint_gives_the_uninterrupted_adapter(tmp_path: Path
     shutil.rmtree(tmp_path / "b" / "adapter")
     (tmp_path / "b" / "train_log.jsonl").unlink()
     assert sorted(p.name for p in (tmp_path / "b" / "checkpoints").iterdir()) == ["step-000003"]
+    capsys.readouterr()
     run("train", "--out", str(tmp_path / "b"), *args, "--resume")
+    assert "6 steps (resumed after step 3)" in capsys.readouterr().out  # it trained steps 4 to 6 only
     a = load_file(str(tmp_path / "a" / "adapter" / "adapter_model.safetensors"))
     b = load_file(str(tmp_path / "b" / "adapter" / "adapter_model.safetensors"))
     assert a.keys() == b.keys()
@@ -107,6 +112,25 @@ def test_resume_from_a_checkpoint_gives_the_uninterrupted_adapter(tmp_path: Path
     log_b = (tmp_path / "b" / "train_log.jsonl").read_text().splitlines()
     strip = [{k: v for k, v in json.loads(line).items() if k != "seconds"} for line in log_a]
     assert strip == [{k: v for k, v in json.loads(line).items() if k != "seconds"} for line in log_b]
+
+
+def test_resume_starts_from_what_the_checkpoint_holds(tmp_path: Path) -> None:
+    """A checkpoint whose adapter was changed gives another final adapter: the resumed run starts from it."""
+    args = [*TINY, "--epochs", "3", "--max-steps", "6", "--checkpoint-every", "3"]
+    run("train", "--out", str(tmp_path / "a"), *args)
+    run("train", "--out", str(tmp_path / "b"), *args)
+    shutil.rmtree(tmp_path / "b" / "adapter")
+    found = checkpoint.latest(tmp_path / "b" / "checkpoints")
+    state = checkpoint.load(found)
+    state["adapter"] = {k: v + 0.5 if v.is_floating_point() else v for k, v in state["adapter"].items()}
+    shutil.rmtree(found)
+    checkpoint.save(tmp_path / "b" / "checkpoints", state["step"], state)  # a complete checkpoint, other weights
+    run("train", "--out", str(tmp_path / "b"), *args, "--resume")
+    a = load_file(str(tmp_path / "a" / "adapter" / "adapter_model.safetensors"))
+    b = load_file(str(tmp_path / "b" / "adapter" / "adapter_model.safetensors"))
+    weights = [k for k in a if a[k].is_floating_point()]
+    assert a.keys() == b.keys() and len(weights) > 4
+    assert all((a[k] - b[k]).abs().max() > 0.1 for k in weights)
 
 
 def test_resume_refuses_other_settings(tmp_path: Path, capsys) -> None:

@@ -140,7 +140,7 @@ class OrchMoE(Method):
         state = tuner.routing_state
         return {
             "aux": tuner.router_aux_loss().detach(),
-            "assignment": state.task_weights.detach().argmax(-1).cpu(),
+            "assignment": state.task_weights.detach().argmax(-1),  # on the device: read at the next log entry
             "entropy_per_example": state.entropy_per_example,
             "entropy_marginal": state.entropy_marginal,
         }

@@ -3,6 +3,12 @@
 The data order is fixed up front from the seed (a stream of seeded permutations cut into full global batches), so a
 run resumed from a checkpoint sees exactly the batches an uninterrupted run would have seen. The loss is computed on
 target tokens only: the output head runs on the supervised positions alone (``orchmoe.head``), never on the prompt.
+
+The host reads values from the device once per logged step (``log_step``): losses, routing statistics, gradient
+norms and skipped steps stay on the device in between. A step whose loss is not finite is skipped by the optimizer
+itself (fused AdamW reads a ``found_inf`` flag, as under a GradScaler), and the run stops with ``TrainingDiverged``
+when the skipped streak read at a logged step reaches ``nan_patience``. The supervised head's gather (a shape that
+depends on the labels) is the one read left inside a step.
 """
 
 from __future__ import annotations
@@ -85,6 +91,7 @@ class TrainResult:
     steps: int
     seconds: float
     log: list[dict[str, Any]]
+    resumed_from: int = 0  # the checkpoint's step a resumed run started after (0: from the start)
 
 
 def _trackers() -> list[str]:
@@ -102,24 +109,25 @@ def train(cfg: RunConfig, out: Path, resume: bool = False, overwrite: bool = Fal
     prepare(run)
     bar = tqdm(total=run.steps, initial=run.start, desc=f"train {cfg.method}", unit="step",
                disable=not (progress and run.main))  # fmt: skip
-    began, bad_streak, step = time.time(), 0, run.start
+    began, bad_streak, step, resumed_from = time.time(), 0, run.start, run.start
     for step in range(run.start + 1, run.steps + 1):
         logged = step % cfg.log_every == 0 or step == run.steps
-        skipped = train_step(run, step, logged=logged)
-        bad_streak = bad_streak + 1 if skipped else 0
+        train_step(run, step, logged=logged)
         bar.update(1)
-        if skipped or logged:
-            entry = log_step(run, step, skipped, began)
+        if logged:  # the host reads the device here only: once per logged step
+            entry, skipped = log_step(run, step, began)
             bar.set_postfix(loss=f"{entry.get('loss', float('nan')):.3f}")
-        if bad_streak >= cfg.nan_patience:  # after the skipped step is logged
-            raise TrainingDiverged(
-                f"Loss was NaN/inf for {bad_streak} consecutive steps (up to step {step}); lower --lr."
-            )
+            for was_skipped in skipped:
+                bad_streak = bad_streak + 1 if was_skipped else 0
+            if bad_streak >= cfg.nan_patience:
+                raise TrainingDiverged(
+                    f"Loss was NaN/inf for {bad_streak} consecutive steps (up to step {step}); lower --lr."
+                )
         if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < run.steps:
             save_checkpoint(run, step)
     bar.close()
     finish(run)
-    return TrainResult(steps=step, seconds=time.time() - began, log=run.log)
+    return TrainResult(steps=step, seconds=time.time() - began, log=run.log, resumed_from=resumed_from)
 
 
 @dataclass
@@ -139,8 +147,9 @@ class Run:
     steps: int
     start: int = 0
     log: list[dict[str, Any]] = field(default_factory=list)
-    window: list[tuple[float, float]] = field(default_factory=list)  # losses since the last log entry
+    window: list[tuple[Any, Any]] = field(default_factory=list)  # (loss, router loss) since the last log entry
     assignments: list[torch.Tensor] = field(default_factory=list)  # argmax abstract tasks since the last entry
+    skips: list[torch.Tensor] = field(default_factory=list)  # per step since the last entry: 1 when skipped
     routing: dict[str, torch.Tensor] | None = None  # routing statistics of the last forward
     grad_norms: dict[str, torch.Tensor] = field(default_factory=dict)  # of the last logged step, before clipping
     rng: Any = None  # the checkpoint's random state, restored after prepare()
@@ -195,7 +204,7 @@ def setup(cfg: RunConfig, out: Path, resume: bool, overwrite: bool) -> Run:
     model = build(cfg.method, loaded.model, cfg, len(selection.train_tasks))
     model.train()
     steps = total_steps(cfg, len(encoded))
-    optimizer = torch.optim.AdamW(optimizer_groups(method, model, cfg))
+    optimizer = torch.optim.AdamW(optimizer_groups(method, model, cfg), fused=True)  # skips a step on the device
     warmup = int(cfg.warmup_ratio * steps)
     if cfg.schedule == "linear":
         scheduler = get_linear_schedule_with_warmup(optimizer, warmup, steps)
@@ -228,7 +237,8 @@ def restore(run: Run, resume: bool) -> None:
     run.scheduler.load_state_dict(state["scheduler"])
     run.start = state["step"]
     run.log = [e for e in state["log"] if e["step"] <= run.start]
-    run.window, run.assignments = state["pending"]["window"], state["pending"]["assignments"]
+    pending = state["pending"]
+    run.window, run.assignments, run.skips = pending["window"], pending["assignments"], pending.get("skips", [])
     run.rng = state["rng"]
 
 
@@ -257,12 +267,13 @@ def prepare(run: Run) -> None:
         checkpoint.set_rng_state(run.rng)  # after prepare(), right where the uninterrupted run stood
 
 
-def train_step(run: Run, step: int, logged: bool = False) -> bool:
-    """One optimizer step over ``grad_accum`` micro-batches; True when it was skipped (a non-finite loss). A
-    ``logged`` step keeps the gradient norms of each parameter kind (before clipping) for its log entry."""
+def train_step(run: Run, step: int, logged: bool = False) -> None:
+    """One optimizer step over ``grad_accum`` micro-batches, without reading the device from the host: a step whose
+    loss is not finite on any process is skipped by the optimizer itself (fused AdamW's ``found_inf``), and
+    recorded in ``run.skips``. A ``logged`` step keeps the gradient norms of each parameter kind (before clipping)."""
     cfg, accelerator, model = run.cfg, run.accelerator, run.model
     run.method.step_begin(run.unwrapped, cfg, step - 1, run.steps)
-    skipped = False
+    nonfinite = torch.zeros((), device=accelerator.device)
     for k in range(cfg.grad_accum):
         batch = next(run.loader)
         with nullcontext() if k == cfg.grad_accum - 1 else accelerator.no_sync(model):
@@ -273,43 +284,63 @@ def train_step(run: Run, step: int, logged: bool = False) -> bool:
             global_tokens = accelerator.reduce(n_tokens.to(accelerator.device), "sum").clamp(min=1)
             loss = loss_sum * accelerator.num_processes / global_tokens
             routing = run.method.routing_log(run.unwrapped)  # of this forward (its graph is alive until backward)
-            aux = torch.zeros(()) if routing is None else routing["aux"]
+            aux = torch.zeros((), device=loss.device) if routing is None else routing["aux"]
             if routing is not None:
                 run.routing = routing
                 run.assignments.append(routing["assignment"])
             total = run.method.add_router_loss(run.unwrapped, loss)
-            finite = torch.isfinite(total.detach()).float()
-            if accelerator.reduce(finite.to(accelerator.device), "sum").item() < accelerator.num_processes:
-                skipped = True  # every process skips together
-                continue
+            finite = torch.isfinite(total.detach())
+            nonfinite = nonfinite + (~finite).float()
             accelerator.backward(total / cfg.grad_accum)
-        run.window.append((accelerator.reduce(loss.detach(), "mean").item(), aux.item()))
-    if skipped:
-        run.optimizer.zero_grad()
-    else:
-        if logged:
-            run.grad_norms = gradient_norms(run.method, run.unwrapped)
-        if cfg.max_grad_norm > 0:
-            accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-        run.optimizer.step()
-        run.optimizer.zero_grad()
+        run.window.append((loss.detach(), aux.detach(), finite))  # read at the next log entry
+    skip = (accelerator.reduce(nonfinite, "sum") > 0).float()  # every process skips together
+    if logged:
+        run.grad_norms = gradient_norms(run.method, run.unwrapped)
+    if cfg.max_grad_norm > 0:
+        accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+    optimizer = getattr(run.optimizer, "optimizer", run.optimizer)  # accelerate's wrapper holds the fused AdamW
+    optimizer.found_inf = skip  # read by the fused kernel: no update, no step count (fp16's GradScaler sets its own)
+    run.optimizer.step()
+    run.optimizer.zero_grad()
+    run.skips.append(skip)
     run.scheduler.step()
-    return skipped
 
 
-def log_step(run: Run, step: int, skipped: bool, began: float) -> dict[str, Any]:
-    """One entry of the training log (losses since the last entry, routing statistics), written and tracked."""
+def window_means(run: Run) -> tuple[float, float] | None:
+    """Mean loss (averaged over processes) and router loss over the finite micro-batches of the log window, in one
+    host read. An entry is (loss, router loss[, finite]), tensors or, from an older checkpoint, numbers."""
+    if not run.window:
+        return None
+    device = run.accelerator.device
+    rows = torch.stack(
+        [
+            torch.stack([torch.as_tensor(v, dtype=torch.float32, device=device) for v in (*w, True)[:3]])
+            for w in run.window
+        ]
+    )  # (N, 3) fmt: skip
+    rows[:, 0] = run.accelerator.reduce(rows[:, 0].contiguous(), "mean")
+    rows = rows.cpu()
+    kept = rows[(rows[:, 2] > 0) & torch.isfinite(rows[:, :2]).all(dim=1)]
+    return None if kept.numel() == 0 else (kept[:, 0].mean().item(), kept[:, 1].mean().item())
+
+
+def log_step(run: Run, step: int, began: float) -> tuple[dict[str, Any], list[bool]]:
+    """One entry of the training log (losses since the last entry, routing statistics, skipped steps), written and
+    tracked; and, step by step since the last entry, whether it was skipped."""
     cfg = run.cfg
     entry: dict[str, Any] = {
         "step": step,
         "lr": run.scheduler.get_last_lr()[0],
         "seconds": round(time.time() - began, 2),
     }
-    if run.window:
-        entry["loss"] = sum(w[0] for w in run.window) / len(run.window)
-        entry["router_loss"] = sum(w[1] for w in run.window) / len(run.window)
-    if skipped:
-        entry["skipped_nonfinite"] = True
+    means = window_means(run)
+    if means is not None:
+        entry["loss"], entry["router_loss"] = means
+    skipped = (
+        [bool(s) for s in torch.stack([torch.as_tensor(s).cpu() for s in run.skips]).tolist()] if run.skips else []
+    )
+    if any(skipped):
+        entry["skipped_nonfinite"] = sum(skipped)
     if run.routing is not None:
         entry["entropy_per_example"] = run.routing["entropy_per_example"].item()  # of the last forward
         entry["entropy_marginal"] = run.routing["entropy_marginal"].item()
@@ -317,11 +348,11 @@ def log_step(run: Run, step: int, skipped: bool, began: float) -> dict[str, Any]
     entry.update(run.method.log_state(run.unwrapped))
     run.grad_norms = {}
     if run.assignments and not cfg.uniform_task_router and cfg.n_abstract_tasks > 1:
-        used = torch.cat(run.assignments).unique().numel()
+        used = torch.cat([a.to(run.accelerator.device) for a in run.assignments]).unique().numel()
         entry["abstract_tasks_used"] = used
         entry["router_collapsed"] = used == 1
     run.log.append(entry)
-    run.window, run.assignments = [], []
+    run.window, run.assignments, run.skips = [], [], []
     if run.main:
         run.accelerator.log({k: v for k, v in entry.items() if isinstance(v, (int, float))}, step=step)
         with (run.out / LOG_FILE).open("a") as f:
@@ -329,13 +360,13 @@ def log_step(run: Run, step: int, skipped: bool, began: float) -> dict[str, Any]
         if entry.get("router_collapsed") and not any(e.get("router_collapsed") for e in run.log[:-1]):
             warning = f"warning: step {step}: the Task Router sends every example to one abstract task"
             tqdm.write(warning, file=sys.stderr)
-    return entry
+    return entry, skipped
 
 
 def save_checkpoint(run: Run, step: int) -> None:
     run.accelerator.wait_for_everyone()
     if run.main:
-        pending = {"window": run.window, "assignments": run.assignments}
+        pending = {"window": run.window, "assignments": run.assignments, "skips": run.skips}
         state = {
             "step": step,
             "adapter": get_peft_model_state_dict(run.unwrapped),
