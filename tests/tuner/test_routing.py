@@ -105,7 +105,7 @@ def fused(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tenso
 def test_a_fused_head_loss_backpropagates_its_own_routing(checkpointing: str) -> None:
     """Forward A, forward B, backward B, backward A with TRL's fused head (the output head module is never called)
     equals A then B without checkpointing."""
-    from trl.trainer.utils import add_fused_lm_head
+    add_fused_lm_head = pytest.importorskip("trl.trainer.utils").add_fused_lm_head  # not in a core install
 
     arch = "tiny-gemma3"
     a, b = labelled(arch, seed=0), labelled(arch, seed=1)
