@@ -35,7 +35,7 @@ from .layer import Linear, OrchMoELayer, linear_features
 from .parameters import count_by_kind
 from .prompt import causal_routing_mask, routing_tokens
 from .router import TaskRouter, routing_entropies
-from .routing import CallRouting, RoutingSlot, RoutingState, hold_in_graph, republish_in_backward
+from .routing import CallRouting, RoutingSlot, RoutingState, hold_in_graph, last_hidden_module, republished
 from .targets import (
     check_per_example_batch,
     default_target_modules,
@@ -395,25 +395,3 @@ def check_adapter_fits(
             f"Cannot load this OrchMoE adapter: {len(missing)} of the model's adapter tensors are absent from it "
             f"(first: {missing[0]!r}). The adapter was trained on {source} with other target modules."
         )
-
-
-def last_hidden_module(model: nn.Module) -> nn.Module | None:
-    """The module whose output is the language model's last hidden state (``get_decoder()``), the head's input; the
-    output head itself where a model has no decoder to name."""
-    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
-    if isinstance(decoder, nn.Module) and decoder is not model:
-        return decoder
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    return head if isinstance(head, nn.Module) else None
-
-
-def republished(output: Any, slot: RoutingSlot, routing: CallRouting) -> Any:
-    """``output`` (a tensor, a tuple or a ``ModelOutput`` whose first field is the hidden state) with its hidden state
-    passed through :func:`republish_in_backward`."""
-    if isinstance(output, torch.Tensor):
-        return republish_in_backward(output, slot, routing)
-    hidden = republish_in_backward(output[0], slot, routing)
-    if isinstance(output, tuple):
-        return (hidden, *output[1:])
-    output[next(iter(output.keys()))] = hidden  # a ModelOutput: its first field (last_hidden_state)
-    return output
