@@ -225,7 +225,7 @@ def with_routing_mask(model: nn.Module, inputs: dict[str, Any]) -> dict[str, Any
     labels = inputs.get("labels")
     if labels is None or inputs.get("routing_mask") is not None or getattr(model.config, "is_encoder_decoder", False):
         return inputs
-    return {**inputs, "routing_mask": causal_routing_mask({**inputs}, None, True)}
+    return {**inputs, "routing_mask": causal_routing_mask(inputs, None, True)}
 
 
 class SupervisedHeadMixin:

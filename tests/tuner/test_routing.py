@@ -44,6 +44,14 @@ def grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
+def assert_same_grads(reference: torch.nn.Module, model: torch.nn.Module) -> None:
+    """The same parameters have gradients in both, the Task Router's among them, and they agree."""
+    expected, got = grads(reference), grads(model)
+    assert expected.keys() == got.keys() and any("orchmoe_task_router" in n for n in got)
+    for name in expected:
+        assert torch.allclose(expected[name], got[name], atol=1e-5, rtol=1e-4), name
+
+
 @pytest.mark.parametrize("checkpointing", ["reentrant", "non-reentrant", None])
 def test_interleaved_forwards_each_backpropagate_their_own_routing(arch: str, checkpointing: str | None) -> None:
     """Forward A, forward B, backward B, backward A (as gradient accumulation over kept graphs does) equals A then B
@@ -60,10 +68,7 @@ def test_interleaved_forwards_each_backpropagate_their_own_routing(arch: str, ch
     assert not torch.allclose(weights_a, tuner.routing_state.task_weights, atol=1e-3)  # two different routings
     loss_b.backward()
     loss_a.backward()
-    expected, got = grads(reference), grads(model)
-    assert expected.keys() == got.keys() and any("orchmoe_task_router" in n for n in got)
-    for name in expected:
-        assert torch.allclose(expected[name], got[name], atol=1e-5, rtol=1e-4), name
+    assert_same_grads(reference, model)
 
 
 @pytest.mark.parametrize("checkpointing", ["reentrant", "non-reentrant", None])
@@ -118,10 +123,7 @@ def test_a_fused_head_loss_backpropagates_its_own_routing(checkpointing: str) ->
     loss_b = fused(model, b)
     loss_b.backward()
     loss_a.backward()
-    expected, got = grads(reference), grads(model)
-    assert expected.keys() == got.keys() and any("orchmoe_task_router" in n for n in got)
-    for name in expected:
-        assert torch.allclose(expected[name], got[name], atol=1e-5, rtol=1e-4), name
+    assert_same_grads(reference, model)
 
 
 def test_router_aux_loss_is_of_the_latest_training_forward_with_autograd_or_a_clear_error(arch: str) -> None:

@@ -109,7 +109,7 @@ def train(cfg: RunConfig, out: Path, resume: bool = False, overwrite: bool = Fal
     prepare(run)
     bar = tqdm(total=run.steps, initial=run.start, desc=f"train {cfg.method}", unit="step",
                disable=not (progress and run.main))  # fmt: skip
-    began, bad_streak, step, resumed_from = time.time(), 0, run.start, run.start
+    began, bad_streak, step = time.time(), 0, run.start
     for step in range(run.start + 1, run.steps + 1):
         logged = step % cfg.log_every == 0 or step == run.steps
         train_step(run, step, logged=logged)
@@ -127,7 +127,7 @@ def train(cfg: RunConfig, out: Path, resume: bool = False, overwrite: bool = Fal
             save_checkpoint(run, step)
     bar.close()
     finish(run)
-    return TrainResult(steps=step, seconds=time.time() - began, log=run.log, resumed_from=resumed_from)
+    return TrainResult(steps=step, seconds=time.time() - began, log=run.log, resumed_from=run.start)
 
 
 @dataclass
@@ -289,10 +289,9 @@ def train_step(run: Run, step: int, logged: bool = False) -> None:
                 run.routing = routing
                 run.assignments.append(routing["assignment"])
             total = run.method.add_router_loss(run.unwrapped, loss)
-            finite = torch.isfinite(total.detach())
-            nonfinite = nonfinite + (~finite).float()
+            nonfinite = nonfinite + (~torch.isfinite(total.detach())).float()
             accelerator.backward(total / cfg.grad_accum)
-        run.window.append((loss.detach(), aux.detach(), finite))  # read at the next log entry
+        run.window.append((loss.detach(), aux.detach()))  # read at the next log entry
     skip = (accelerator.reduce(nonfinite, "sum") > 0).float()  # every process skips together
     if logged:
         run.grad_norms = gradient_norms(run.method, run.unwrapped)
@@ -308,19 +307,16 @@ def train_step(run: Run, step: int, logged: bool = False) -> None:
 
 def window_means(run: Run) -> tuple[float, float] | None:
     """Mean loss (averaged over processes) and router loss over the finite micro-batches of the log window, in one
-    host read. An entry is (loss, router loss[, finite]), tensors or, from an older checkpoint, numbers."""
+    host read. An entry is (loss, router loss), tensors or, from an older checkpoint, numbers."""
     if not run.window:
         return None
     device = run.accelerator.device
     rows = torch.stack(
-        [
-            torch.stack([torch.as_tensor(v, dtype=torch.float32, device=device) for v in (*w, True)[:3]])
-            for w in run.window
-        ]
-    )  # (N, 3) fmt: skip
+        [torch.stack([torch.as_tensor(v, dtype=torch.float32, device=device) for v in w]) for w in run.window]
+    )  # (N, 2) fmt: skip
     rows[:, 0] = run.accelerator.reduce(rows[:, 0].contiguous(), "mean")
     rows = rows.cpu()
-    kept = rows[(rows[:, 2] > 0) & torch.isfinite(rows[:, :2]).all(dim=1)]
+    kept = rows[torch.isfinite(rows).all(dim=1)]
     return None if kept.numel() == 0 else (kept[:, 0].mean().item(), kept[:, 1].mean().item())
 
 
@@ -336,9 +332,7 @@ def log_step(run: Run, step: int, began: float) -> tuple[dict[str, Any], list[bo
     means = window_means(run)
     if means is not None:
         entry["loss"], entry["router_loss"] = means
-    skipped = (
-        [bool(s) for s in torch.stack([torch.as_tensor(s).cpu() for s in run.skips]).tolist()] if run.skips else []
-    )
+    skipped = [flag > 0 for flag in torch.stack(run.skips).tolist()] if run.skips else []  # one host read
     if any(skipped):
         entry["skipped_nonfinite"] = sum(skipped)
     if run.routing is not None:
