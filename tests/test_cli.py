@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
@@ -37,3 +38,27 @@ def test_errors_of_a_command(
     else:
         with pytest.raises(type(error), match=str(error)):
             cli.main(["eval", str(tmp_path)])
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["serve", "{served}", "--model", "m", "--vllm", "/no/such/vllm"], "no vLLM executable '/no/such/vllm'"),
+        (["serve", "{empty}", "--model", "m", "--vllm", sys.executable], "has no router.json"),
+    ],
+)
+def test_serve_names_what_is_missing_in_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture, argv: list[str], message: str
+) -> None:
+    (tmp_path / "served").mkdir()
+    (tmp_path / "empty").mkdir()
+    argv = [a.format(served=tmp_path / "served", empty=tmp_path / "empty") for a in argv]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("orchmoe serve: error: ") and message in err
+
+
+def test_arguments_after_a_double_dash_are_for_serve_only(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit):
+        cli.main(["eval", str(tmp_path), "--", "--dtype", "float32"])
+    assert "for `orchmoe serve` only" in capsys.readouterr().err

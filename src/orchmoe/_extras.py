@@ -4,7 +4,8 @@
 
 - ``orchmoe[harness]``: the ``orchmoe`` command, SNI data, metrics, plots and the default model;
 - ``orchmoe[trl]``: ``orchmoe.OrchMoESFTTrainer``, ``OrchMoEDPOTrainer``, ``OrchMoEGRPOTrainer``;
-- ``orchmoe[kbit]``: 4-bit and 8-bit bases (bitsandbytes).
+- ``orchmoe[kbit]``: 4-bit and 8-bit bases (bitsandbytes);
+- ``orchmoe[serve]``: ``orchmoe serve``, the routing front before vLLM (starlette, uvicorn, httpx).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ EXTRAS: dict[str, tuple[str, ...]] = {  # extra -> the modules it provides
     ),
     "trl": ("trl",),
     "kbit": ("bitsandbytes",),
+    "serve": ("starlette", "uvicorn", "httpx"),
 }
 
 

@@ -1,4 +1,4 @@
-"""The `orchmoe` command: train, eval, compare, export, generate."""
+"""The `orchmoe` command: train, eval, compare, export, generate, serve."""
 
 from __future__ import annotations
 
@@ -96,6 +96,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="The base model the adapters were trained on.")
     p.add_argument("--prompt", action="append", required=True, help="A prompt (repeat for a batch).")
     p.add_argument("--max-new-tokens", type=int, default=32)
+
+    p = sub.add_parser(
+        "serve",
+        help="Serve exported adapters on vLLM behind an OpenAI-compatible front routing each request by its prompt.",
+        parents=[common],
+        epilog="Arguments after -- go to `vllm serve` (e.g. -- --dtype float32 --max-model-len 2048).",
+    )
+    p.add_argument("served", type=Path, help="A directory of `orchmoe export --all-abstract-tasks`.")
+    p.add_argument("--model", required=True, help="The base model the adapters were trained on (a local directory).")
+    p.add_argument("--port", type=int, default=8000, help="The front's port on 127.0.0.1 (default 8000).")
+    p.add_argument(
+        "--vllm",
+        default="vllm",
+        help="vLLM to start: its `vllm` script or its environment's Python; or the URL of a running vLLM.",
+    )
+    p.add_argument("--name", default="orchmoe", help="The model name that requests use to be routed.")
     return parser
 
 
@@ -112,7 +128,11 @@ def main(argv: list[str] | None = None) -> int:
     # the project's own errors about its input get one line; any other failure (out of memory, a device or shape
     # error) keeps its traceback
     input_errors = (ValueError, FileNotFoundError, FileExistsError, RunDirError, CheckpointError, TrainingDiverged)
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    split = argv.index("--") if "--" in argv else len(argv)  # `orchmoe serve ... -- VLLM ARGS`
+    args = build_parser().parse_args(argv[:split])
+    if argv[split + 1 :] and args.command != "serve":
+        build_parser().error(f"arguments after -- are for `orchmoe serve` only: {argv[split + 1 :]}")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     warnings.filterwarnings("ignore", category=FutureWarning)
     logging.getLogger("transformers").setLevel(logging.ERROR)
@@ -157,7 +177,18 @@ def main(argv: list[str] | None = None) -> int:
             for name, text in generate_served(args.served, loaded.model, loaded.tokenizer, args.prompt,
                                               args.max_new_tokens):  # fmt: skip
                 print(f"[{name}] {text}")
+        elif args.command == "serve":
+            from .front import serve
+            from .models import DEFAULT_MODEL, default_model_path
+
+            logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+            logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request to vLLM otherwise
+            model = str(default_model_path()) if args.model == DEFAULT_MODEL else args.model
+            serve(args.served, model, port=args.port, vllm=args.vllm, name=args.name, vllm_args=argv[split + 1 :])
         finished = True
+    except MissingExtra as err:
+        print(f"orchmoe {args.command}: error: {err}", file=sys.stderr)
+        return 2
     except input_errors as err:
         message = " ".join(str(err).split())  # one line, whatever the library wrote
         print(f"orchmoe {args.command}: error: {message}", file=sys.stderr)

@@ -1,0 +1,88 @@
+"""``orchmoe serve``: OrchMoE on vLLM, each request routed by its prompt.
+
+    orchmoe export RUN --all-abstract-tasks --out served     # one LoRA per abstract task + the Task Router
+    orchmoe serve served --model BASE --port 8000           # vLLM with every adapter, the routing front on :8000
+
+The front (``orchmoe.front.app``) is an OpenAI-compatible server on loopback; vLLM runs in its own environment
+(``--vllm PATH/TO/vllm``) and is started, restarted and stopped by the front, or is already running (``--vllm URL``).
+Needs ``pip install "orchmoe[serve]"`` for the front; vLLM itself is installed apart (it pins its own transformers).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import shutil
+import socket
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+from .._extras import require
+
+log = logging.getLogger("orchmoe.front")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def resolve_vllm(vllm: str) -> str:
+    """``vllm``: a URL of a running vLLM, the ``vllm`` executable or the Python of vLLM's environment (a path, or a
+    name on PATH)."""
+    if vllm.startswith(("http://", "https://")):
+        return vllm
+    found = shutil.which(vllm)
+    if found is None:
+        raise FileNotFoundError(
+            f"no vLLM executable {vllm!r}: install vLLM in an environment of its own (`make serve-env` builds "
+            "build/serve-venv) and pass its Python (--vllm build/serve-venv/bin/python) or its `vllm` script, or "
+            "--vllm http://HOST:PORT of a running vLLM started with --enable-lora and the adapters (--lora-modules "
+            "NAME=DIR ...)"
+        )
+    return found
+
+
+def serve(served: str | Path, base: str | Path, port: int = 8000, vllm: str = "vllm", name: str = "orchmoe",
+          vllm_args: list[str] = (), ready_timeout: float = 900, timeout: float = 300) -> None:  # fmt: skip
+    """Run the front on 127.0.0.1:``port`` until SIGINT / SIGTERM; a vLLM it started stops with it."""
+    require("serve", "`orchmoe serve`")
+    import uvicorn
+
+    from .app import Front
+    from .vllm import ManagedVLLM, vllm_command
+
+    served, target = Path(served), resolve_vllm(vllm)
+    managed = None
+    if not target.startswith(("http://", "https://")):
+        vllm_port = free_port()
+        command = vllm_command(target, str(base), served, vllm_port, list(vllm_args))
+        managed = ManagedVLLM(command, f"http://127.0.0.1:{vllm_port}")
+        target = managed.url
+    front = Front(served, base, target, name=name, timeout=timeout, managed=managed)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: object) -> AsyncIterator[None]:
+        watcher = None
+        if managed is not None:
+            managed.start()
+            try:
+                await managed.wait_ready(ready_timeout)
+            except BaseException:
+                managed.stop()
+                raise
+            watcher = asyncio.create_task(managed.watch(ready_timeout))
+        log.info("routing %s on http://127.0.0.1:%d to %s (vLLM at %s)", name, port, ", ".join(front.adapters),
+                 target)  # fmt: skip
+        try:
+            yield
+        finally:
+            if managed is not None:
+                managed.stop()
+            if watcher is not None:
+                watcher.cancel()
+            await front.client.aclose()
+
+    uvicorn.run(front.app(lifespan), host="127.0.0.1", port=port, log_level="warning")
