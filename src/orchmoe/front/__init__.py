@@ -49,7 +49,10 @@ def serve(served: str | Path, base: str | Path, port: int = 8000, vllm: str = "v
           vllm_args: list[str] = (), ready_timeout: float = 900, timeout: float = 300) -> None:  # fmt: skip
     """Run the front on 127.0.0.1:``port`` until SIGINT / SIGTERM; a vLLM it started stops with it."""
     require("serve", "`orchmoe serve`")
+    import torch
     import uvicorn
+
+    torch.set_num_threads(1)  # routing is one small product per request: no threads to fight vLLM's for the cores
 
     from .app import Front
     from .vllm import ManagedVLLM, vllm_command
