@@ -297,12 +297,15 @@ def main() -> None:
     parser.add_argument("--data-dir", default="../shared/sni-full")
     parser.add_argument("--model", default="gemma3-270m")
     parser.add_argument("--work", type=Path, default=Path("runs/sni-full"), help="run directories (checkpoints)")
-    parser.add_argument("--only", nargs="+", help="run these planned runs only (names as `plan` prints them)")
+    parser.add_argument(
+        "--only", nargs="+", help="run these planned runs only, in this order (names as `plan` prints them)"
+    )
     parser.add_argument("--limit", type=int, default=0, help="stop after this many runs (0: all that are known)")
     args = parser.parse_args()
     runs, waiting = plan(args.protocol)
-    if args.only:
-        runs = [r for r in runs if r.name in args.only]
+    if args.only:  # in the order given
+        planned = {r.name: r for r in runs}
+        runs = [planned[name] for name in args.only if name in planned]
     if args.command == "measure":
         measure(args.protocol, args.work)
         return

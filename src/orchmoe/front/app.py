@@ -227,7 +227,8 @@ class Front:
     async def context_length(self) -> int | None:
         """vLLM's max_model_len for the base (asked once)."""
         if self.max_model_len is None:
-            cards = (await self.client.get("/v1/models")).json().get("data", [])
+            response = await self.client.get("/v1/models")
+            cards = response.json().get("data", []) if response.status_code == 200 else []
             self.max_model_len = next((c.get("max_model_len") for c in cards if c.get("id") == self.base_name), None)
         return self.max_model_len
 
