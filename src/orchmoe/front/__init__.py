@@ -4,7 +4,8 @@
     orchmoe serve served --model BASE --port 8000           # vLLM with every adapter, the routing front on :8000
 
 The front (``orchmoe.front.app``) is an OpenAI-compatible server on loopback; vLLM runs in its own environment
-(``--vllm PATH/TO/vllm``) and is started, restarted and stopped by the front, or is already running (``--vllm URL``).
+(``orchmoe serve-setup`` makes one, or ``--vllm PATH/TO/vllm``) and is started, restarted and stopped by the front, or
+is already running (``--vllm URL``).
 Needs ``pip install "orchmoe[serve]"`` for the front; vLLM itself is installed apart (it pins its own transformers).
 """
 
@@ -15,10 +16,11 @@ import contextlib
 import logging
 import shutil
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
 from .._extras import require
+from .environment import default_environment
 
 log = logging.getLogger("orchmoe.front")
 
@@ -29,24 +31,25 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def resolve_vllm(vllm: str) -> str:
+def resolve_vllm(vllm: str | None) -> str:
     """``vllm``: a URL of a running vLLM, the ``vllm`` executable or the Python of vLLM's environment (a path, or a
-    name on PATH)."""
-    if vllm.startswith(("http://", "https://")):
+    name on PATH); None: ``vllm`` on PATH, else the environment ``orchmoe serve-setup`` made."""
+    if vllm is not None and vllm.startswith(("http://", "https://")):
         return vllm
-    found = shutil.which(vllm)
+    found = shutil.which(vllm or "vllm")
+    if found is None and vllm is None and (default_environment() / ".installed").is_file():
+        found = str(default_environment() / "bin" / "python")
     if found is None:
         raise FileNotFoundError(
-            f"no vLLM executable {vllm!r}: install vLLM in an environment of its own (`make serve-env` builds "
-            "build/serve-venv) and pass its Python (--vllm build/serve-venv/bin/python) or its `vllm` script, or "
-            "--vllm http://HOST:PORT of a running vLLM started with --enable-lora and the adapters (--lora-modules "
-            "NAME=DIR ...)"
+            f"no vLLM executable {vllm or 'vllm'!r}: make vLLM's environment with `orchmoe serve-setup` (or pass "
+            "--vllm PATH/TO/bin/vllm, or the Python of an environment with vLLM, or --vllm http://HOST:PORT of a "
+            "running vLLM started with --enable-lora and the adapters, --lora-modules NAME=DIR ...)"
         )
     return found
 
 
-def serve(served: str | Path, base: str | Path, port: int = 8000, vllm: str = "vllm", name: str = "orchmoe",
-          vllm_args: list[str] = (), ready_timeout: float = 900, timeout: float = 300) -> None:  # fmt: skip
+def serve(served: str | Path, base: str | Path, port: int = 8000, vllm: str | None = None, name: str = "orchmoe",
+          vllm_args: Sequence[str] = (), ready_timeout: float = 900, timeout: float = 300) -> None:  # fmt: skip
     """Run the front on 127.0.0.1:``port`` until SIGINT / SIGTERM; a vLLM it started stops with it."""
     require("serve", "`orchmoe serve`")
     import torch

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -118,7 +118,7 @@ class Front:
 
     # one request
 
-    async def handle(self, request: Request, path: str, prompt_ids: Any) -> Response:
+    async def handle(self, request: Request, path: str, prompt_ids: Callable[[dict], list[int]]) -> Response:
         try:
             body = self.parse(await request.body())
             model = body.get("model", self.name)

@@ -12,6 +12,7 @@ import os
 import signal
 import subprocess
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import IO
 
@@ -31,7 +32,7 @@ def adapter_dirs(served: Path) -> dict[str, Path]:
     return {name: served / name for name in json.loads(config.read_text())["adapters"]}
 
 
-def vllm_command(executable: str, base: str, served: Path, port: int, extra: list[str] = ()) -> list[str]:
+def vllm_command(executable: str, base: str, served: Path, port: int, extra: Sequence[str] = ()) -> list[str]:
     """``vllm serve`` of ``base`` on loopback with every abstract-task adapter of ``served`` registered by name;
     ``executable``: the ``vllm`` script, or the Python of vLLM's environment."""
     adapters = adapter_dirs(served)
