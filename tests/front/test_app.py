@@ -18,7 +18,7 @@ from starlette.testclient import TestClient
 from orchmoe.front import free_port
 from orchmoe.front.app import ROUTE_HEADER, Front, load_input_embeddings
 
-from .conftest import PROMPTS, Served, chat_ids, orchmoe_route
+from .conftest import CHAT_TEMPLATE, PROMPTS, Served, chat_ids, orchmoe_route
 
 CONTEXT = 64  # the stand-in's max_model_len
 
@@ -156,3 +156,20 @@ def test_a_vllm_that_does_not_answer_gives_503_at_once(served: Served) -> None:
             assert response.status_code == 503 and "not answering" in response.json()["error"]["message"]
         assert client.get("/health").status_code == 503
         assert client.get("/v1/models").status_code == 503
+
+
+TOOL_TEMPLATE = "{% if tools %}tools: {{ tools | length }}\n{% endif %}" + CHAT_TEMPLATE
+
+
+def test_a_chat_routes_from_what_vllm_renders_tools_included(front, served: Served) -> None:
+    client, _, app = front
+    messages = [{"role": "user", "content": PROMPTS[0]}]
+    tools = [{"type": "function", "function": {"name": f"f{i}", "parameters": {}}} for i in range(3)]
+    body = {"messages": messages, "tools": tools, "chat_template": TOOL_TEMPLATE}
+    rendered = served.tokenizer.apply_chat_template(messages, tools=tools, chat_template=TOOL_TEMPLATE,
+                                                    add_generation_prompt=True, tokenize=True)  # fmt: skip
+    ids = list(rendered["input_ids"] if hasattr(rendered, "keys") else rendered)
+    assert ids != chat_ids(served, messages)  # the tools change the prompt
+    assert app.chat_ids(body) == ids  # the front routes what vLLM renders
+    response = client.post("/v1/chat/completions", json=body)
+    assert response.status_code == 200 and response.headers[ROUTE_HEADER] == orchmoe_route(served, ids)

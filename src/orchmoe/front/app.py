@@ -214,8 +214,11 @@ class Front:
         if self.tokenizer.chat_template is None and body.get("chat_template") is None:
             raise BadRequest(400, "the base model's tokenizer has no chat template: use /v1/completions")
         try:
-            options = {"chat_template": body.get("chat_template"), **body.get("chat_template_kwargs", {}),
-                       "add_generation_prompt": body.get("add_generation_prompt", True)}  # fmt: skip
+            # what vLLM renders into the prompt: the tools and documents too, so that the route reads the same text
+            options = {"chat_template": body.get("chat_template"), "tools": body.get("tools"),
+                       "documents": body.get("documents"), **body.get("chat_template_kwargs", {}),
+                       "add_generation_prompt": body.get("add_generation_prompt", True),
+                       "continue_final_message": body.get("continue_final_message", False)}  # fmt: skip
             ids = self.tokenizer.apply_chat_template(messages, tokenize=True, **options)
         except Exception as err:  # the template's own errors (a missing role, ...) are the client's
             raise BadRequest(400, f"the chat template does not render these messages: {err}") from None
