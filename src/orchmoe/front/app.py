@@ -98,7 +98,8 @@ class Front:
 
     async def models(self, request: Request) -> Response:
         try:
-            upstream = (await self.client.get("/v1/models")).json()
+            response = await self.client.get("/v1/models")
+            upstream = response.json() if response.status_code == 200 else {}
         except httpx.TransportError as err:
             return self.unreachable(err)
         card = {"id": self.name, "object": "model", "owned_by": "orchmoe", "root": self.base_name,
@@ -122,17 +123,7 @@ class Front:
         try:
             body = self.parse(await request.body())
             model = body.get("model", self.name)
-            if model == self.name:
-                started = time.perf_counter()
-                ids = prompt_ids(body)
-                await self.check_length(ids)
-                route = self.route(ids)
-                routing_ms = (time.perf_counter() - started) * 1e3
-            elif model in (*self.adapters, self.base_name):
-                route, routing_ms, ids = "none", 0.0, None
-            else:
-                served = ", ".join([self.name, *self.adapters, self.base_name])
-                raise BadRequest(404, f"unknown model {model!r}; this server serves: {served}", "model_not_found")
+            route, ids, routing_ms = await self.resolve(model, body, prompt_ids)
         except BadRequest as err:
             log.info("%s refused (%d): %s", path, err.status, err)
             return error(err.status, str(err), err.code)
@@ -147,6 +138,22 @@ class Front:
         log.info("%s %s (%srouting %.2f ms) -> %d", path, how, tokens, routing_ms, response.status_code)
         return response
 
+    async def resolve(
+        self, model: str, body: dict, prompt_ids: Callable[[dict], list[int]]
+    ) -> tuple[str, list[int] | None, float]:
+        """(the adapter or "none" for a pass-through, the routed prompt's ids, routing ms: tokenize + route)."""
+        if model in (*self.adapters, self.base_name):
+            return "none", None, 0.0
+        if model != self.name:
+            served = ", ".join([self.name, *self.adapters, self.base_name])
+            raise BadRequest(404, f"unknown model {model!r}; this server serves: {served}", "model_not_found")
+        started = time.perf_counter()
+        ids = prompt_ids(body)
+        route = self.route(ids)
+        routing_ms = (time.perf_counter() - started) * 1e3
+        await self.check_length(ids)  # may ask vLLM once: not part of the routing time
+        return route, ids, routing_ms
+
     async def forward(self, path: str, body: dict, headers: dict[str, str]) -> Response:
         try:
             upstream = await self.client.send(self.client.build_request("POST", path, json=body), stream=True)
@@ -154,7 +161,7 @@ class Front:
             return self.unreachable(err, headers)
         headers = {**headers, "content-type": upstream.headers.get("content-type", "application/json")}
         if body.get("stream"):
-            return StreamingResponse(upstream.aiter_raw(), status_code=upstream.status_code, headers=headers,
+            return StreamingResponse(upstream.aiter_bytes(), status_code=upstream.status_code, headers=headers,
                                      background=BackgroundTask(upstream.aclose))  # fmt: skip
         try:
             content = await upstream.aread()
