@@ -157,6 +157,32 @@ def bench(url: str, vllm_url: str, prompts: list[str], clients: int, rounds: int
     return {"rounds": rounds, "clients": clients, "requests": len(prompts), "median": report, "all": results}
 
 
+def pick_prompts(cfg: Any, n: int) -> list[str]:
+    """``n`` test prompts of the run's tasks, round-robin over the tasks so that they cover as many as they can."""
+    selection = make_selection(cfg)
+    by_task: dict[str, list[str]] = {}
+    for example in [*selection.test, *selection.unseen]:
+        by_task.setdefault(example.task, []).append(example.prompt)
+    pools = list(by_task.values())
+    return [pools[i % len(pools)][i // len(pools) % len(pools[i % len(pools)])] for i in range(n)]
+
+
+def check(rows: list[dict[str, Any]], routes: list[str], expected: list[list[int]], eos: set[int]) -> dict[str, Any]:
+    """The served answers against OrchMoE's own: counts, each mismatch printed."""
+    same_route = [row["route"] == route for row, route in zip(rows, routes, strict=True)]
+    same_tokens = [strip_eos(row["tokens"], eos) == strip_eos(t, eos) for row, t in zip(rows, expected, strict=True)]
+    for i, row in enumerate(rows):
+        if not (same_route[i] and same_tokens[i]):
+            step(f"request {i}: route {row['route']} (OrchMoE: {routes[i]}), vLLM {row['tokens']} != generate "
+                 f"{expected[i]}")  # fmt: skip
+    ms = [row["ms"] for row in rows]
+    return {"requests": len(rows), "answered": sum(row["status"] == 200 for row in rows),
+            "same_route": sum(same_route), "same_tokens": sum(same_tokens),
+            "routed_as_orchmoe": sum(r and t for r, t in zip(same_route, same_tokens, strict=True)),
+            "adapters_used": len({row["route"] for row in rows if row["status"] == 200}),
+            "p50_ms": percentile(ms, 50), "p95_ms": percentile(ms, 95)}  # fmt: skip
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "serve-demo")
@@ -169,13 +195,8 @@ def main() -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     run = train_and_export(args.out, args.steps)
     cfg, loaded, model = load_trained(run)
-    by_task: dict[str, list[str]] = {}
-    for example in [*make_selection(cfg).test, *make_selection(cfg).unseen]:
-        by_task.setdefault(example.task, []).append(example.prompt)
-    pools = list(by_task.values())  # round-robin over the tasks: the requests cover as many tasks as they can
-    prompts = [pools[i % len(pools)][i // len(pools) % len(pools[i % len(pools)])] for i in range(args.requests)]
-    step(f"OrchMoE's own answers for {len(prompts)} prompts of {min(len(pools), len(prompts))} tasks "
-         f"(model {cfg.model}, hard routing)")  # fmt: skip
+    prompts = pick_prompts(cfg, args.requests)
+    step(f"OrchMoE's own answers for {len(prompts)} prompts (model {cfg.model}, hard routing)")
     routes, expected = expected_answers(model, loaded.tokenizer, prompts)
     eos = model.generation_config.eos_token_id
     eos = set(eos if isinstance(eos, list) else [eos])
@@ -190,25 +211,14 @@ def main() -> int:
     finally:
         process.send_signal(signal.SIGTERM)
         process.wait(120)
-    answered = sum(row["status"] == 200 for row in rows)
-    same_route = [row["route"] == route for row, route in zip(rows, routes, strict=True)]
-    same_tokens = [strip_eos(row["tokens"], eos) == strip_eos(t, eos) for row, t in zip(rows, expected, strict=True)]
-    routed = sum(r and t for r, t in zip(same_route, same_tokens, strict=True))  # routed and answered as OrchMoE
-    used = len({row["route"] for row in rows if row["status"] == 200})
-    for i, row in enumerate(rows):
-        if not (same_route[i] and same_tokens[i]):
-            step(f"request {i}: route {row['route']} (OrchMoE: {routes[i]}), vLLM {row['tokens']} != generate "
-                 f"{expected[i]}")  # fmt: skip
-    ms = [row["ms"] for row in rows]
-    summary = {"requests": len(rows), "answered": answered, "same_route": sum(same_route),
-               "same_tokens": sum(same_tokens), "routed_as_orchmoe": routed, "adapters_used": used,
-               "p50_ms": percentile(ms, 50), "p95_ms": percentile(ms, 95)}  # fmt: skip
+    summary = check(rows, routes, expected, eos)
     (args.out / "result.json").write_text(json.dumps({"summary": summary, "bench": report}, indent=1))
-    step(f"routes as OrchMoE's: {sum(same_route)} of {len(rows)}; vLLM's greedy tokens equal OrchMoE's hard-routed "
-         f"generate: {sum(same_tokens)} of {len(rows)}")  # fmt: skip
-    print(f"RESULT requests={len(rows)} answered={answered} routed_as_orchmoe={routed} adapters_used={used} "
-          f"p50_ms={summary['p50_ms']:.0f} p95_ms={summary['p95_ms']:.0f}")  # fmt: skip
-    ok = answered == routed == len(rows) and used >= 2
+    n = summary["requests"]
+    step(f"routes as OrchMoE's: {summary['same_route']} of {n}; vLLM's greedy tokens equal OrchMoE's hard-routed "
+         f"generate: {summary['same_tokens']} of {n}")  # fmt: skip
+    counts = " ".join(f"{k}={summary[k]}" for k in ("answered", "routed_as_orchmoe", "adapters_used"))
+    print(f"RESULT requests={n} {counts} p50_ms={summary['p50_ms']:.0f} p95_ms={summary['p95_ms']:.0f}")
+    ok = summary["answered"] == summary["routed_as_orchmoe"] == n and summary["adapters_used"] >= 2
     return 0 if ok else 1
 
 
