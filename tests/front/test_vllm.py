@@ -165,12 +165,13 @@ def test_orchmoe_serve_routes_each_request_as_orchmoe_and_survives_vllm(served: 
         again.status_code == 200
         and again.json()["choices"][0]["token_ids"] == responses[0].json()["choices"][0]["token_ids"]
     )
-    # stopping the front stops the vLLM it started
+    # stopping the front stops the vLLM it started, and the killed one's engine is gone too
     new_pid = health["pid"]
     process.send_signal(signal.SIGTERM)
     assert process.wait(60) in (0, -signal.SIGTERM)  # uvicorn re-raises the signal once it has shut down
-    with pytest.raises(ProcessLookupError):
-        os.kill(new_pid, 0)
+    for group in (vllm_pid, new_pid):  # each vLLM's process group (server, engine core, workers): nothing left
+        with pytest.raises(ProcessLookupError):
+            os.killpg(group, 0)
     logged = log.read_text()
     assert f"routed to {routes[0]}" in logged and "passed through to abstract-task-1" in logged
     assert "restarting it (restart 1)" in logged and "stopping vLLM" in logged

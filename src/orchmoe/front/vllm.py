@@ -94,6 +94,7 @@ class ManagedVLLM:
                 continue
             self.restarts += 1
             log.warning("vLLM exited with code %s; restarting it (restart %d)", self.process.returncode, self.restarts)
+            self.end_group(grace=10)  # its engine and workers outlive it otherwise, each holding the model
             self.start()
             try:
                 await self.wait_ready(ready_timeout)
@@ -102,16 +103,30 @@ class ManagedVLLM:
                 log.error("%s", err)
 
     def stop(self, grace: float = 30) -> None:
-        """SIGTERM vLLM's process group, SIGKILL after ``grace`` s."""
+        """End vLLM and every process it started."""
         self.stopping = True
-        if self.process is None or self.process.poll() is not None:
-            return
-        log.info("stopping vLLM (pid %d)", self.process.pid)
-        try:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            self.process.wait(grace)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait()
-        except ProcessLookupError:
-            pass
+        if self.process is not None:
+            log.info("stopping vLLM (pid %d)", self.process.pid)
+            self.end_group(grace)
+
+    def end_group(self, grace: float) -> None:
+        """SIGTERM vLLM's process group (the server, its engine core, its workers), SIGKILL whatever is left after
+        ``grace`` s: the engine and workers do not always exit with the server."""
+        group = self.process.pid  # start_new_session: the group's id is the server's pid
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(group, signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline and group_alive(group, self.process):
+            time.sleep(0.2)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(group, signal.SIGKILL)
+        self.process.wait()
+
+
+def group_alive(group: int, leader: subprocess.Popen) -> bool:
+    leader.poll()  # reap the server, so that a finished one does not count
+    try:
+        os.killpg(group, 0)
+    except ProcessLookupError:
+        return False
+    return True
