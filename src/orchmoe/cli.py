@@ -104,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Arguments after -- go to `vllm serve` (e.g. -- --dtype float32 --max-model-len 2048).",
     )
     p.add_argument("served", type=Path, help="A directory of `orchmoe export --all-abstract-tasks`.")
-    p.add_argument("--model", required=True, help="The base model the adapters were trained on (a local directory).")
+    p.add_argument("--model", required=True, help="The base model of the adapters: a local directory, or gemma3-270m.")
     p.add_argument("--port", type=int, default=8000, help="The front's port on 127.0.0.1 (default 8000).")
     p.add_argument(
         "--vllm",
