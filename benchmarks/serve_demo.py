@@ -32,9 +32,8 @@ from typing import Any
 
 import httpx
 import torch
-import torch.nn.functional as F
+from serving import HardRouted
 
-import orchmoe
 from orchmoe.front import free_port
 from orchmoe.pipeline.common import make_selection
 from orchmoe.pipeline.evaluate import load_trained
@@ -89,14 +88,13 @@ def start_front(served: Path, base: Path, vllm: str, log: Path) -> tuple[subproc
 @torch.no_grad()
 def expected_answers(model: torch.nn.Module, tokenizer: Any, prompts: list[str]) -> tuple[list[str], list[list[int]]]:
     """OrchMoE's own route of each prompt and its hard-routed greedy tokens (generation stops at EOS, as vLLM's)."""
-    routes, tokens = [], []
+    hard = HardRouted(model)
+    tokens = []
     for prompt in prompts:
         batch = tokenizer(prompt, return_tensors="pt")
-        soft = orchmoe.routing(model, dict(batch)).task_weights  # (1, T)
-        hard = F.one_hot(soft.argmax(-1), soft.shape[-1]).float()
-        out = model.generate(**batch, task_weights=hard, max_new_tokens=MAX_TOKENS, do_sample=False)
-        routes.append(adapter_name(int(soft.argmax())))
+        out = hard.generate(**batch, max_new_tokens=MAX_TOKENS, do_sample=False)
         tokens.append(out[0, batch["input_ids"].shape[1] :].tolist())
+    routes = [adapter_name(int(torch.tensor(w).argmax())) for w in hard.weights]
     return routes, tokens
 
 

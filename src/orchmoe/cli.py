@@ -187,12 +187,18 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"[{name}] {text}")
         elif args.command == "serve":
             from .front import serve
-            from .models import DEFAULT_MODEL, default_model_path
+            from .models import model_path
 
             logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
             logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request to vLLM otherwise
-            model = str(default_model_path()) if args.model == DEFAULT_MODEL else args.model
-            serve(args.served, model, port=args.port, vllm=args.vllm, name=args.name, vllm_args=argv[split + 1 :])
+            serve(
+                args.served,
+                model_path(args.model),
+                port=args.port,
+                vllm=args.vllm,
+                name=args.name,
+                vllm_args=argv[split + 1 :],
+            )
         elif args.command == "serve-setup":
             import torch
 

@@ -127,6 +127,11 @@ def default_model_path() -> Path:
     return target
 
 
+def model_path(name: str) -> str:
+    """Where a model name loads from: the safetensors copy for ``gemma3-270m``, else the name (an HF id or a path)."""
+    return str(default_model_path()) if name == DEFAULT_MODEL else name
+
+
 def _from_pretrained(path: str, dtype: torch.dtype, quantization: str | None) -> PreTrainedModel:
     config = AutoConfig.from_pretrained(path)
     auto = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
@@ -157,7 +162,7 @@ def load_model(
             return LoadedModel(_from_pretrained(path, dtype, quantization).eval(), tokenizer, name)
         finally:
             shutil.rmtree(path, ignore_errors=True)
-    path = str(default_model_path()) if name == DEFAULT_MODEL else name
+    path = model_path(name)
     model = _from_pretrained(path, dtype, quantization)
     tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token is None:

@@ -98,13 +98,12 @@ class Front:
 
     async def models(self, request: Request) -> Response:
         try:
-            response = await self.client.get("/v1/models")
-            upstream = response.json() if response.status_code == 200 else {}
+            cards = await self.upstream_models()
         except httpx.TransportError as err:
             return self.unreachable(err)
         card = {"id": self.name, "object": "model", "owned_by": "orchmoe", "root": self.base_name,
-                "max_model_len": await self.context_length()}  # fmt: skip
-        return JSONResponse({"object": "list", "data": [card, *upstream.get("data", [])]})
+                "max_model_len": self.base_context(cards)}  # fmt: skip
+        return JSONResponse({"object": "list", "data": [card, *cards]})
 
     async def health(self, request: Request) -> Response:
         """200 when vLLM answers its /health; with the pid and restart count of a vLLM the front started."""
@@ -234,12 +233,19 @@ class Front:
             raise BadRequest(400, "the chat renders to an empty prompt: there is nothing to route")
         return ids
 
+    async def upstream_models(self) -> list[dict]:
+        """vLLM's model cards (none while it is not ready)."""
+        response = await self.client.get("/v1/models")
+        return response.json().get("data", []) if response.status_code == 200 else []
+
+    def base_context(self, cards: list[dict]) -> int | None:
+        """The base's max_model_len among vLLM's model cards."""
+        return next((c.get("max_model_len") for c in cards if c.get("id") == self.base_name), None)
+
     async def context_length(self) -> int | None:
-        """vLLM's max_model_len for the base (asked once)."""
+        """vLLM's max_model_len for the base (asked until known)."""
         if self.max_model_len is None:
-            response = await self.client.get("/v1/models")
-            cards = response.json().get("data", []) if response.status_code == 200 else []
-            self.max_model_len = next((c.get("max_model_len") for c in cards if c.get("id") == self.base_name), None)
+            self.max_model_len = self.base_context(await self.upstream_models())
         return self.max_model_len
 
     async def check_length(self, ids: list[int]) -> None:

@@ -18,6 +18,8 @@ from typing import IO
 
 import httpx
 
+from ..serving import ROUTER_CONFIG
+
 log = logging.getLogger("orchmoe.front")
 
 SERVER_MODULE = "vllm.entrypoints.openai.api_server"
@@ -26,7 +28,7 @@ LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # the values vLLM's --max-l
 
 def adapter_dirs(served: Path) -> dict[str, Path]:
     """{adapter name: directory} of a directory written by ``orchmoe export --all-abstract-tasks``."""
-    config = served / "router.json"
+    config = served / ROUTER_CONFIG
     if not config.is_file():
         raise FileNotFoundError(f"{served} has no router.json: write it with `orchmoe export RUN --all-abstract-tasks`")
     return {name: served / name for name in json.loads(config.read_text())["adapters"]}
@@ -94,7 +96,8 @@ class ManagedVLLM:
                 continue
             self.restarts += 1
             log.warning("vLLM exited with code %s; restarting it (restart %d)", self.process.returncode, self.restarts)
-            self.end_group(grace=10)  # its engine and workers outlive it otherwise, each holding the model
+            # its engine and workers outlive it otherwise, each holding the model; in a thread: requests keep their 503s
+            await asyncio.to_thread(self.end_group, 10)
             self.start()
             try:
                 await self.wait_ready(ready_timeout)
