@@ -193,6 +193,26 @@ def log_measures(log: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+def allocation_spread(adapter_dir: Path) -> dict[str, float]:
+    """Whether the abstract tasks get different skill mixes: the total-variation distance between the eval-time
+    allocation rows z_i and z_j of two abstract tasks, over every pair and module (0: every abstract task gets the
+    same mix, so the Task Router's choice cannot change the adapter), its maximum, and the effective number of
+    skills per row exp(H(z_i)) (S for a uniform row)."""
+    import numpy as np
+
+    from orchmoe.pipeline.plots import learned_allocations
+
+    z = learned_allocations(adapter_dir)  # (M, T, S)
+    pairs = [0.5 * abs(z[:, i] - z[:, j]).sum(-1) for i in range(z.shape[1]) for j in range(i + 1, z.shape[1])]
+    between = [float(v) for pair in pairs for v in pair]  # (M * T(T-1)/2,)
+    entropy = -(z * np.log(z)).sum(-1)  # (M, T)
+    return {
+        "between_tasks_tv_mean": sum(between) / len(between),
+        "between_tasks_tv_max": max(between),
+        "effective_skills": float(np.exp(entropy).mean()),
+    }
+
+
 def measure(protocol: str, work: Path) -> list[Path]:
     """routers.json for each finished OrchMoE run (remedies included) whose adapter is in ``work``."""
     import numpy as np
@@ -207,17 +227,25 @@ def measure(protocol: str, work: Path) -> list[Path]:
     for folder in sorted((RESULTS / protocol).glob("*")):
         out = work / protocol / folder.name
         config = json.loads((folder / "config.json").read_text()) if (folder / "config.json").is_file() else {}
-        if config.get("method") != "orchmoe" or not finished(protocol, folder.name) or (folder / ROUTERS).is_file():
+        if config.get("method") != "orchmoe" or not finished(protocol, folder.name):
             continue
         source = out if (out / "adapter").is_dir() else folder  # the work directory, else the kept adapter
         if not (source / "adapter").is_dir():
             print(f"skip {folder.name}: no adapter in {out} or {folder}")
             continue
+        if (folder / ROUTERS).is_file():  # measured: add the allocation's spread if an older measure lacks it
+            kept = json.loads((folder / ROUTERS).read_text())
+            if "allocation_spread" not in kept:
+                kept["allocation_spread"] = allocation_spread(source / "adapter")
+                (folder / ROUTERS).write_text(json.dumps(kept, indent=1) + "\n")
+                written.append(folder / ROUTERS)
+            continue
         cfg, loaded, model = load_trained(source)
         selection = make_selection(cfg)
         soft = json.loads((folder / "metrics.json").read_text())
         log = [json.loads(line) for line in (folder / "train_log.jsonl").read_text().splitlines() if line.strip()]
-        result: dict[str, Any] = {**log_measures(log), "nmi": {}, "hard": {}, "soft": {}}
+        result: dict[str, Any] = {**log_measures(log), "allocation_spread": allocation_spread(source / "adapter"),
+                                  "nmi": {}, "hard": {}, "soft": {}}  # fmt: skip
         sets = {"seen": selection.test, "held_out": selection.held_out, "unseen": selection.unseen}
         for name, examples in sets.items():
             if not examples:
@@ -279,14 +307,18 @@ def report(protocol: str) -> str:
                              f"{len(diffs)} seed(s): " + ", ".join(f"{d:+.2f}" for d in diffs))  # fmt: skip
     measured = [f for f in folders if (f / ROUTERS).is_file()]
     if measured:
-        lines += ["", "| run | TV first -> last | Z grad / skills grad (median) | NMI task / family (seen, held-out, "
-                  "unseen) | hard - soft R-L (seen, held-out, unseen) |", "|---|---|---|---|---|"]  # fmt: skip
+        lines += ["", "| run | TV first -> last | TV between abstract tasks (mean / max) | effective skills | Z grad / "
+                  "skills grad (median) | NMI task / family (seen, held-out, unseen) | hard - soft R-L (seen, "
+                  "held-out, unseen) |", "|---|---|---|---|---|---|---|"]  # fmt: skip
         for folder in measured:
             r = json.loads((folder / ROUTERS).read_text())
             nmi = ", ".join(f"{r['nmi'][s]['task']:.2f} / {r['nmi'][s]['family']:.2f}" for s in SETS if s in r["nmi"])
             hard = ", ".join(f"{r['hard'][s]['rougeL'] - r['soft'][s]['rougeL']:+.2f}" for s in SETS if s in r["hard"])
+            spread = r.get("allocation_spread", {})
+            between = (f"{spread['between_tasks_tv_mean']:.3f} / {spread['between_tasks_tv_max']:.3f} | "
+                       f"{spread['effective_skills']:.2f}") if spread else "- | -"  # fmt: skip
             lines.append(f"| {folder.name} | {r['allocation_tv_first']:.4f} -> {r['allocation_tv_last']:.4f} | "
-                         f"{r['grad_ratio_median']:.4f} | {nmi} | {hard} |")  # fmt: skip
+                         f"{between} | {r['grad_ratio_median']:.4f} | {nmi} | {hard} |")  # fmt: skip
     return "\n".join(lines)
 
 

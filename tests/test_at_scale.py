@@ -100,6 +100,8 @@ def test_report_pairs_seeds_at_the_chosen_learning_rates(results: Path) -> None:
     scored(results, "orchmoe-lr0.003-seed1", 30.0, 35.0)
     scored(results, "lora-lr0.001-seed1", 30.0, 33.0)
     routers = {"allocation_tv_first": 0.003, "allocation_tv_last": 0.012, "grad_ratio_median": 0.02,
+               "allocation_spread": {"between_tasks_tv_mean": 0.25, "between_tasks_tv_max": 0.5,
+                                     "effective_skills": 6.0},
                "nmi": {"seen": {"task": 0.5, "family": 0.7}}, "hard": {"seen": {"rougeL": 30.0}},
                "soft": {"seen": {"rougeL": 31.0}}}  # fmt: skip
     scored(results, "orchmoe-lr0.003-seed2", 30.0, 30.0, routers)
@@ -107,7 +109,7 @@ def test_report_pairs_seeds_at_the_chosen_learning_rates(results: Path) -> None:
     assert "orchmoe 0.003, lora 0.001" in text
     # seed 0: 31 - 32, seed 1: 35 - 33 (seed 2 has no LoRA partner)
     assert "orchmoe minus LoRA, seen R-L: +0.50 ± 2.12 (sd) over 2 seed(s): -1.00, +2.00" in text
-    assert "| orchmoe-lr0.003-seed2 | 0.0030 -> 0.0120 | 0.0200 | 0.50 / 0.70 | -1.00 |" in text
+    assert "| orchmoe-lr0.003-seed2 | 0.0030 -> 0.0120 | 0.250 / 0.500 | 6.00 | 0.0200 | 0.50 / 0.70 | -1.00 |" in text
 
 
 @pytest.mark.parametrize("trained", [False, True])
@@ -127,3 +129,33 @@ def test_park_and_unpark_carry_what_the_run_needs(results: Path, tmp_path: Path,
     assert checkpoint.latest(fresh / "checkpoints") is not None and (fresh / "config.json").is_file()
     assert (fresh / "adapter" / "adapter_config.json").is_file() == trained  # a trained run is scored, not retrained
     assert parked == results / "families" / "orchmoe-lr0.003-seed0" / "in-progress"
+
+
+@pytest.mark.parametrize(
+    ("skills_of", "between", "effective"),
+    [
+        ("same", 0.0, 1.0),  # every abstract task on skill 0: far from uniform, yet one adapter for all
+        ("own", 1.0, 1.0),  # abstract task i on skill i: disjoint mixes
+        ("uniform", 0.0, 4.0),  # Z = 0: a LoRA of rank S*r
+    ],
+)
+def test_allocation_spread_tells_whether_abstract_tasks_get_different_skills(
+    tmp_path: Path, skills_of: str, between: float, effective: float
+) -> None:
+    import torch
+
+    from orchmoe.tuner.router import SkillRouter
+    from tests.conftest import make_peft
+
+    model = make_peft("tiny-gemma3")  # S = 4 skills
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, SkillRouter):
+                module.logits.zero_()
+                for task in range(module.logits.shape[0]):
+                    if skills_of != "uniform":
+                        module.logits[task, 0 if skills_of == "same" else task % module.logits.shape[1]] = 50.0
+    model.save_pretrained(tmp_path / "adapter")
+    spread = at_scale.allocation_spread(tmp_path / "adapter")
+    assert spread["between_tasks_tv_mean"] == pytest.approx(between, abs=1e-4)
+    assert spread["effective_skills"] == pytest.approx(effective, abs=1e-3)
