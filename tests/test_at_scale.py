@@ -8,6 +8,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+
+from orchmoe.tuner.router import SkillRouter
+from tests.conftest import make_peft
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -142,11 +146,6 @@ def test_park_and_unpark_carry_what_the_run_needs(results: Path, tmp_path: Path,
 def test_allocation_spread_tells_whether_abstract_tasks_get_different_skills(
     tmp_path: Path, skills_of: str, between: float, effective: float
 ) -> None:
-    import torch
-
-    from orchmoe.tuner.router import SkillRouter
-    from tests.conftest import make_peft
-
     model = make_peft("tiny-gemma3")  # S = 4 skills
     with torch.no_grad():
         for module in model.modules():
