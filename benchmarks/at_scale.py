@@ -38,6 +38,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import paired
+
 from orchmoe.pipeline.config import RunConfig, read_config_file
 
 ROOT = Path(__file__).resolve().parent
@@ -272,8 +274,6 @@ def measure(protocol: str, work: Path) -> list[Path]:
 def report(protocol: str) -> str:
     """The protocol's tables from the committed files: every finished run's scores, the paired differences of the
     chosen OrchMoE (and its remedies) against LoRA per seed, and the router measures."""
-    import statistics
-
     folders = [f for f in sorted((RESULTS / protocol).glob("*")) if finished(protocol, f.name)]
     lines = [f"## {protocol}: {len(folders)} finished runs", "",
              "| run | val R-L | " + " | ".join(f"{s} R-1 / R-L / R-Lsum / EM" for s in SETS) + " |",
@@ -291,19 +291,7 @@ def report(protocol: str) -> str:
         + ", ".join(f"{m} {lr:g}" if lr else f"{m} (grid unfinished)" for m, lr in chosen.items()),
         "",
     ]
-    if chosen["lora"]:
-        for variant in ("orchmoe", *REMEDIES):
-            lr = chosen["orchmoe"]
-            pairs = [(slug(variant, lr, s), slug("lora", chosen["lora"], s)) for s in SEEDS] if lr else []
-            pairs = [(a, b) for a, b in pairs if a in scores and b in scores]
-            if not pairs:
-                continue
-            for split in SETS:
-                diffs = [scores[a][split]["macro"]["rougeL"] - scores[b][split]["macro"]["rougeL"] for a, b in pairs
-                         if split in scores[a]]  # fmt: skip
-                spread = f" ± {statistics.stdev(diffs):.2f} (sd)" if len(diffs) > 1 else ""
-                lines.append(f"{variant} minus LoRA, {split} R-L: {statistics.mean(diffs):+.2f}{spread} over "
-                             f"{len(diffs)} seed(s): " + ", ".join(f"{d:+.2f}" for d in diffs))  # fmt: skip
+    lines += paired_lines(protocol, scores, chosen)
     measured = [f for f in folders if (f / ROUTERS).is_file()]
     if measured:
         lines += ["", "| run | TV first -> last | TV between abstract tasks (mean / max) | effective skills | Z grad / "
@@ -319,6 +307,29 @@ def report(protocol: str) -> str:
             lines.append(f"| {folder.name} | {r['allocation_tv_first']:.4f} -> {r['allocation_tv_last']:.4f} | "
                          f"{between} | {r['grad_ratio_median']:.4f} | {nmi} | {hard} |")  # fmt: skip
     return "\n".join(lines)
+
+
+def paired_lines(protocol: str, scores: dict[str, dict[str, Any]], chosen: dict[str, float | None]) -> list[str]:
+    """OrchMoE and each remedy against LoRA, paired by seed at the chosen lrs (`paired.py`'s table), and each
+    remedy's validation R-L against OrchMoE's per seed: the pre-registered rule (above it at every seed wins)."""
+    lr, lora_lr, lines = chosen["orchmoe"], chosen["lora"], []
+    if lr is None:
+        return lines
+    for variant in ("orchmoe", *REMEDIES):
+        runs = {s: slug(variant, lr, s) for s in SEEDS if slug(variant, lr, s) in scores}
+        lora = {s: slug("lora", lora_lr, s) for s in runs if lora_lr and slug("lora", lora_lr, s) in scores}
+        if lora:
+            a = {s: paired.as_scores(scores[runs[s]]) for s in lora}
+            b = {s: paired.as_scores(scores[lora[s]]) for s in lora}
+            lines += [f"{variant} (A) minus LoRA (B), test:", "", *paired.difference_table(a, b), ""]
+        base = {s: slug("orchmoe", lr, s) for s in runs if variant in REMEDIES and slug("orchmoe", lr, s) in scores}
+        if base:
+            val = {name: validation_score(protocol, name) or 0.0 for name in [*runs.values(), *base.values()]}
+            diffs = [val[runs[s]] - val[base[s]] for s in base]
+            lines += [f"{variant} minus OrchMoE, validation R-L at seeds {list(base)}: "
+                      + ", ".join(f"{d:+.2f}" for d in diffs)
+                      + f" (above at {sum(d > 0 for d in diffs)}; the rule needs all of {len(SEEDS)})", ""]  # fmt: skip
+    return lines
 
 
 def main() -> None:

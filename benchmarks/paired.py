@@ -1,8 +1,9 @@
-"""Paired comparison of two methods over seeds: per-seed differences of macro ROUGE-L, seen and unseen.
+"""Paired comparison of two methods over seeds: per-seed differences of every macro score, on every split.
 
-Seeds draw the tasks, so scores swing by several points between seeds; the per-seed difference between two methods
-trained on the same draw is the quantity that says which one leads. Reads each run's ``extended_metrics.json``
-(``--file metrics.json`` for the 5-instance test sets).
+Seeds draw the tasks and the training order, so scores swing by several points between seeds; the per-seed
+difference between two methods trained on the same draw is the quantity that says which one leads. Reads each run's
+``extended_metrics.json`` (``--file metrics.json`` for the 5-instance test sets and the at-scale runs), with the
+splits it holds (seen, held_out, unseen) and the scores it holds (ROUGE-1, ROUGE-L, ROUGE-Lsum, exact match).
 
     python benchmarks/paired.py --a runs/quality/lr-sweep/orchmoe-router1-lr0.003-seed{0,1,2} \\
         --b runs/quality/lr-sweep/lora-lr0.003-seed{0,1,2}
@@ -16,27 +17,58 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-SPLITS = ("seen", "unseen")
+SPLITS = ("seen", "held_out", "unseen")
+SCORES = {"rouge1": "R-1", "rougeL": "R-L", "rougeLsum": "R-Lsum", "exact_match": "EM"}
+Scores = dict[str, dict[str, float]]  # {split: {score: macro value}}
 
 
-def macro_rouge_l(run: Path, file: str) -> dict[str, float]:
-    """Macro ROUGE-L of one finished run on each split: {split: score}."""
+def macro_scores(run: Path, file: str) -> Scores:
+    """Every macro score of one finished run on each split its scores file holds."""
     path = run / file
     if not path.is_file():
         raise SystemExit(f"{path}: missing (finish and score the run first).")
-    scores: dict[str, Any] = json.loads(path.read_text())
-    return {split: float(scores[split]["macro"]["rougeL"]) for split in SPLITS}
+    return as_scores(json.loads(path.read_text()))
 
 
-def seed_of(run: Path) -> str:
-    config = json.loads((run / "config.json").read_text())
-    return str(config["seed"])
+def as_scores(found: dict[str, Any]) -> Scores:
+    """The macro scores of a scores file's content ({split: {"macro": {score: value}, ...}, ...})."""
+    return {s: {k: float(v) for k, v in found[s]["macro"].items() if k in SCORES} for s in SPLITS if s in found}
+
+
+def seed_of(run: Path) -> int:
+    return int(json.loads((run / "config.json").read_text())["seed"])
 
 
 def summary(values: list[float]) -> str:
     if len(values) == 1:
         return f"{values[0]:+.2f}"
     return f"{statistics.mean(values):+.2f} ± {statistics.stdev(values):.2f}"
+
+
+def differences(a: dict[int, Scores], b: dict[int, Scores]) -> dict[tuple[str, str], list[float]]:
+    """A - B per seed (in seed order) for each (split, score) that every run of both holds."""
+    seeds = sorted(a)
+    if seeds != sorted(b):
+        raise SystemExit(f"A has seeds {seeds} but B has seeds {sorted(b)}: pair runs of the same seeds.")
+    runs = [a[s] for s in seeds] + [b[s] for s in seeds]
+    return {
+        (split, score): [a[s][split][score] - b[s][split][score] for s in seeds]
+        for split in SPLITS
+        if all(split in r for r in runs)
+        for score in SCORES
+        if all(score in r[split] for r in runs)
+    }
+
+
+def difference_table(a: dict[int, Scores], b: dict[int, Scores]) -> list[str]:
+    """Markdown: each split and score, A - B as mean ± sd over seeds, how many seeds A leads at, and each seed's."""
+    lines = ["| split | score | A - B (mean ± sd) | A ahead | per seed (" + ", ".join(map(str, sorted(a))) + ") |",
+             "|---|---|---|---|---|"]  # fmt: skip
+    for (split, score), diffs in differences(a, b).items():
+        per_seed = ", ".join(f"{d:+.2f}" for d in diffs)
+        lines.append(f"| {split} | {SCORES[score]} | {summary(diffs)} | {sum(d > 0 for d in diffs)}/{len(diffs)} | "
+                     f"{per_seed} |")  # fmt: skip
+    return lines
 
 
 def main() -> None:
@@ -46,21 +78,20 @@ def main() -> None:
     parser.add_argument("--file", default="extended_metrics.json", help="scores file in each run directory")
     args = parser.parse_args()
 
-    a = {seed_of(run): macro_rouge_l(run, args.file) for run in args.a}
-    b = {seed_of(run): macro_rouge_l(run, args.file) for run in args.b}
-    if a.keys() != b.keys():
-        raise SystemExit(f"--a has seeds {sorted(a)} but --b has seeds {sorted(b)}: pair runs of the same seeds.")
-    print("| seed | " + " | ".join(f"{s} R-L A | {s} R-L B | {s} A - B" for s in SPLITS) + " |")
-    print("|---|" + "---|" * 3 * len(SPLITS))
-    for seed in sorted(a, key=int):
-        cells = [f"{a[seed][s]:.2f} | {b[seed][s]:.2f} | {a[seed][s] - b[seed][s]:+.2f}" for s in SPLITS]
+    a = {seed_of(run): macro_scores(run, args.file) for run in args.a}
+    b = {seed_of(run): macro_scores(run, args.file) for run in args.b}
+    diffs = differences(a, b)
+    splits = [s for s in SPLITS if (s, "rougeL") in diffs]
+    print("| seed | " + " | ".join(f"{s} R-L A | {s} R-L B | {s} A - B" for s in splits) + " |")
+    print("|---|" + "---|" * 3 * len(splits))
+    for seed in sorted(a):
+        cells = [f"{a[seed][s]['rougeL']:.2f} | {b[seed][s]['rougeL']:.2f} | "
+                 f"{a[seed][s]['rougeL'] - b[seed][s]['rougeL']:+.2f}" for s in splits]  # fmt: skip
         print(f"| {seed} | " + " | ".join(cells) + " |")
-    diffs = {s: [a[seed][s] - b[seed][s] for seed in a] for s in SPLITS}
-    wins = {s: sum(d > 0 for d in diffs[s]) for s in SPLITS}
-    print(
-        "RESULT "
-        + " ".join(f"{s}_diff={summary(diffs[s]).replace(' ', '')} {s}_a_ahead={wins[s]}/{len(a)}" for s in SPLITS)
-    )
+    print("", *difference_table(a, b), "", sep="\n")
+    rouge_l = {s: diffs[s, "rougeL"] for s in splits}
+    print("RESULT " + " ".join(f"{s}_diff={summary(d).replace(' ', '')} {s}_a_ahead={sum(x > 0 for x in d)}/{len(d)}"
+                               for s, d in rouge_l.items()))  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -109,10 +109,17 @@ def test_report_pairs_seeds_at_the_chosen_learning_rates(results: Path) -> None:
                "nmi": {"seen": {"task": 0.5, "family": 0.7}}, "hard": {"seen": {"rougeL": 30.0}},
                "soft": {"seen": {"rougeL": 31.0}}}  # fmt: skip
     scored(results, "orchmoe-lr0.003-seed2", 30.0, 30.0, routers)
+    scored(results, "orchmoe-alloc-lr0.003-seed0", 32.0, 40.0)
+    scored(results, "orchmoe-alloc-lr0.003-seed1", 29.0, 30.0)
     text = at_scale.report("families")
     assert "orchmoe 0.003, lora 0.001" in text
-    # seed 0: 31 - 32, seed 1: 35 - 33 (seed 2 has no LoRA partner)
-    assert "orchmoe minus LoRA, seen R-L: +0.50 ± 2.12 (sd) over 2 seed(s): -1.00, +2.00" in text
+    # seed 0: 31 - 32, seed 1: 35 - 33 (seed 2 has no LoRA partner), on every split and score
+    for split in at_scale.SETS:
+        for score in ("R-1", "R-L", "R-Lsum", "EM"):
+            assert f"| {split} | {score} | +0.50 ± 2.12 | 1/2 | -1.00, +2.00 |" in text
+    assert "| seen | R-L | +2.50 ± 7.78 | 1/2 | +8.00, -3.00 |" in text  # the remedy against LoRA: 40 - 32, 30 - 33
+    # the remedy's rule is on validation against OrchMoE at the same seed: 32 - 31, 29 - 30
+    assert "orchmoe-alloc minus OrchMoE, validation R-L at seeds [0, 1]: +1.00, -1.00 (above at 1" in text
     assert "| orchmoe-lr0.003-seed2 | 0.0030 -> 0.0120 | 0.250 / 0.500 | 6.00 | 0.0200 | 0.50 / 0.70 | -1.00 |" in text
 
 

@@ -109,6 +109,7 @@ def test_paired_comparison_reports_per_seed_differences(tmp_path: Path) -> None:
     assert "| 1 | 40.00 | 44.00 | -4.00 |" in done.stdout
     last = done.stdout.strip().splitlines()[-1]
     assert last == "RESULT seen_diff=-0.33±3.21 seen_a_ahead=2/3 unseen_diff=+9.00±1.00 unseen_a_ahead=3/3"
+    assert "| unseen | R-L | +9.00 ± 1.00 | 3/3 | +10.00, +9.00, +8.00 |" in done.stdout
     mismatched = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "paired.py"), "--a", *map(str, a[:2]),
                                  "--b", *map(str, b)], capture_output=True, text=True, cwd=ROOT)  # fmt: skip
     assert mismatched.returncode != 0 and "same seeds" in mismatched.stderr
