@@ -27,7 +27,7 @@ class RecordingVLLM:
     """Answers as vLLM's OpenAI server does, in outline, and records every request body it receives."""
 
     def __init__(self, base_name: str) -> None:
-        self.base_name, self.bodies = base_name, []
+        self.base_name, self.bodies, self.model_queries = base_name, [], 0
 
     async def generate(self, request: Request) -> Response:
         body = await request.json()
@@ -38,6 +38,7 @@ class RecordingVLLM:
         return JSONResponse({"model": body["model"], "choices": [{"index": 0, "text": "ok"}]})
 
     async def models(self, request: Request) -> Response:
+        self.model_queries += 1
         return JSONResponse({"data": [{"id": self.base_name, "max_model_len": CONTEXT}]})
 
     def app(self) -> Starlette:
@@ -143,6 +144,17 @@ def test_a_chat_the_template_cannot_render_is_refused(front) -> None:
     response = client.post("/v1/chat/completions", json={"messages": messages})
     assert response.status_code == 400 and "no chat template" in response.json()["error"]["message"]
     assert vllm.bodies == []
+
+
+def test_the_model_list_names_orchmoe_and_its_context_once_asked(front) -> None:
+    client, vllm, app = front
+    listed = client.get("/v1/models").json()["data"]
+    assert listed[0] == {"id": app.name, "object": "model", "owned_by": "orchmoe", "root": vllm.base_name,
+                         "max_model_len": CONTEXT}  # fmt: skip
+    assert [c["id"] for c in listed[1:]] == [vllm.base_name]  # vLLM's own cards follow
+    response = client.post("/v1/completions", json={"prompt": "x" * CONTEXT})
+    assert response.status_code == 400 and "context is 64 tokens" in response.json()["error"]["message"]
+    assert vllm.model_queries == 1  # the length check reused the context the listing read
 
 
 def test_a_vllm_that_does_not_answer_gives_503_at_once(served: Served) -> None:

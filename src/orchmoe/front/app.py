@@ -101,8 +101,9 @@ class Front:
             cards = await self.upstream_models()
         except httpx.TransportError as err:
             return self.unreachable(err)
+        self.max_model_len = self.max_model_len or self.base_context(cards)  # kept for the length checks
         card = {"id": self.name, "object": "model", "owned_by": "orchmoe", "root": self.base_name,
-                "max_model_len": self.base_context(cards)}  # fmt: skip
+                "max_model_len": self.max_model_len}  # fmt: skip
         return JSONResponse({"object": "list", "data": [card, *cards]})
 
     async def health(self, request: Request) -> Response:
