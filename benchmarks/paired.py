@@ -1,6 +1,6 @@
 """Paired comparison of two methods over seeds: per-seed differences of every macro score, on every split.
 
-Seeds draw the tasks and the training order, so scores swing by several points between seeds; the per-seed
+Seeds draw the tasks and the training examples, so scores swing by several points between seeds; the per-seed
 difference between two methods trained on the same draw is the quantity that says which one leads. Reads each run's
 ``extended_metrics.json`` (``--file metrics.json`` for the 5-instance test sets and the at-scale runs), with the
 splits it holds (seen, held_out, unseen) and the scores it holds (ROUGE-1, ROUGE-L, ROUGE-Lsum, exact match).
