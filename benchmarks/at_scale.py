@@ -294,7 +294,9 @@ def report(protocol: str) -> str:
     lines += paired_lines(protocol, scores, chosen)
     measured = [f for f in folders if (f / ROUTERS).is_file()]
     if measured:
-        lines += ["", "| run | TV first -> last | TV between abstract tasks (mean / max) | effective skills | Z grad / "
+        if lines[-1]:  # one blank line before the table
+            lines.append("")
+        lines += ["| run | TV first -> last | TV between abstract tasks (mean / max) | effective skills | Z grad / "
                   "skills grad (median) | NMI task / family (seen, held-out, unseen) | hard - soft R-L (seen, "
                   "held-out, unseen) |", "|---|---|---|---|---|---|---|"]  # fmt: skip
         for folder in measured:
