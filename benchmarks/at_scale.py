@@ -47,8 +47,8 @@ RESULTS = ROOT / "results" / "sni-full"
 CONFIGS = {"families": ROOT / "configs" / "sni-full-families.yaml", "sni-10": ROOT / "configs" / "sni-full-10.yaml"}
 KEPT = ("config.json", "data.json", "metrics.json", "val_metrics.json", "train_log.jsonl")
 ROUTERS = "routers.json"
-SETS = ("seen", "held_out", "unseen")
-SCORES = ("rouge1", "rougeL", "rougeLsum", "exact_match")
+SETS = paired.SPLITS  # seen, held_out, unseen
+SCORES = tuple(paired.SCORES)  # rouge1, rougeL, rougeLsum, exact_match
 N_VAL = 16  # validation instances per training task (the protocol's)
 SEEDS = (0, 1, 2)
 # each method's learning-rate grid: its validated lr (sni-10, 40 steps) first, then a third of it (6x the steps here)
@@ -80,11 +80,14 @@ def finished(protocol: str, name: str) -> Path | None:
     return folder if all((folder / f).is_file() for f in KEPT) else None
 
 
+def validation_rouge_l(folder: Path) -> float:
+    """A finished run's macro validation ROUGE-L."""
+    return float(json.loads((folder / "val_metrics.json").read_text())["val"]["macro"]["rougeL"])
+
+
 def validation_score(protocol: str, name: str) -> float | None:
     folder = finished(protocol, name)
-    if folder is None:
-        return None
-    return float(json.loads((folder / "val_metrics.json").read_text())["val"]["macro"]["rougeL"])
+    return None if folder is None else validation_rouge_l(folder)
 
 
 def chosen_lr(protocol: str, method: str) -> float | None:
@@ -279,11 +282,12 @@ def report(protocol: str) -> str:
              "| run | val R-L | " + " | ".join(f"{s} R-1 / R-L / R-Lsum / EM" for s in SETS) + " |",
              "|---|---|" + "---|" * len(SETS)]  # fmt: skip
     scores: dict[str, dict[str, Any]] = {}
+    val: dict[str, float] = {}
     for folder in folders:
         m = json.loads((folder / "metrics.json").read_text())
-        scores[folder.name] = m
+        scores[folder.name], val[folder.name] = m, validation_rouge_l(folder)
         cells = [" / ".join(f"{m[s]['macro'][k]:.2f}" for k in SCORES) if s in m else "-" for s in SETS]
-        lines.append(f"| {folder.name} | {validation_score(protocol, folder.name):.2f} | " + " | ".join(cells) + " |")
+        lines.append(f"| {folder.name} | {val[folder.name]:.2f} | " + " | ".join(cells) + " |")
     chosen = {m: chosen_lr(protocol, m) for m in ORDER}
     lines += [
         "",
@@ -291,7 +295,7 @@ def report(protocol: str) -> str:
         + ", ".join(f"{m} {lr:g}" if lr else f"{m} (grid unfinished)" for m, lr in chosen.items()),
         "",
     ]
-    lines += paired_lines(protocol, scores, chosen)
+    lines += paired_lines(scores, val, chosen)
     measured = [f for f in folders if (f / ROUTERS).is_file()]
     if measured:
         if lines[-1]:  # one blank line before the table
@@ -311,7 +315,9 @@ def report(protocol: str) -> str:
     return "\n".join(lines)
 
 
-def paired_lines(protocol: str, scores: dict[str, dict[str, Any]], chosen: dict[str, float | None]) -> list[str]:
+def paired_lines(
+    scores: dict[str, dict[str, Any]], val: dict[str, float], chosen: dict[str, float | None]
+) -> list[str]:
     """OrchMoE and each remedy against LoRA, paired by seed at the chosen lrs (`paired.py`'s table), and each
     remedy's validation R-L against OrchMoE's per seed: the pre-registered rule (above it at every seed wins)."""
     lr, lora_lr, lines = chosen["orchmoe"], chosen["lora"], []
@@ -326,7 +332,6 @@ def paired_lines(protocol: str, scores: dict[str, dict[str, Any]], chosen: dict[
             lines += [f"{variant} (A) minus LoRA (B), test:", "", *paired.difference_table(a, b), ""]
         base = {s: slug("orchmoe", lr, s) for s in runs if variant in REMEDIES and slug("orchmoe", lr, s) in scores}
         if base:
-            val = {name: validation_score(protocol, name) or 0.0 for name in [*runs.values(), *base.values()]}
             diffs = [val[runs[s]] - val[base[s]] for s in base]
             lines += [f"{variant} minus OrchMoE, validation R-L at seeds {list(base)}: "
                       + ", ".join(f"{d:+.2f}" for d in diffs)

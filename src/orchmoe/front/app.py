@@ -101,9 +101,8 @@ class Front:
             cards = await self.upstream_models()
         except httpx.TransportError as err:
             return self.unreachable(err)
-        self.max_model_len = self.max_model_len or self.base_context(cards)  # kept for the length checks
         card = {"id": self.name, "object": "model", "owned_by": "orchmoe", "root": self.base_name,
-                "max_model_len": self.max_model_len}  # fmt: skip
+                "max_model_len": self.base_context(cards)}  # fmt: skip
         return JSONResponse({"object": "list", "data": [card, *cards]})
 
     async def health(self, request: Request) -> Response:
@@ -240,13 +239,15 @@ class Front:
         return response.json().get("data", []) if response.status_code == 200 else []
 
     def base_context(self, cards: list[dict]) -> int | None:
-        """The base's max_model_len among vLLM's model cards."""
-        return next((c.get("max_model_len") for c in cards if c.get("id") == self.base_name), None)
+        """The base's max_model_len among vLLM's model cards, kept once known (for the length checks)."""
+        if self.max_model_len is None:
+            self.max_model_len = next((c.get("max_model_len") for c in cards if c.get("id") == self.base_name), None)
+        return self.max_model_len
 
     async def context_length(self) -> int | None:
         """vLLM's max_model_len for the base (asked until known)."""
         if self.max_model_len is None:
-            self.max_model_len = self.base_context(await self.upstream_models())
+            return self.base_context(await self.upstream_models())
         return self.max_model_len
 
     async def check_length(self, ids: list[int]) -> None:
