@@ -295,7 +295,7 @@ def report(protocol: str) -> str:
         + ", ".join(f"{m} {lr:g}" if lr else f"{m} (grid unfinished)" for m, lr in chosen.items()),
         "",
     ]
-    lines += paired_lines(scores, val, chosen)
+    lines += standing_lines(scores, chosen) + paired_lines(scores, val, chosen)
     measured = [f for f in folders if (f / ROUTERS).is_file()]
     if measured:
         if lines[-1]:  # one blank line before the table
@@ -313,6 +313,24 @@ def report(protocol: str) -> str:
             lines.append(f"| {folder.name} | {r['allocation_tv_first']:.4f} -> {r['allocation_tv_last']:.4f} | "
                          f"{between} | {r['grad_ratio_median']:.4f} | {nmi} | {hard} |")  # fmt: skip
     return "\n".join(lines)
+
+
+def standing_lines(scores: dict[str, dict[str, Any]], chosen: dict[str, float | None]) -> list[str]:
+    """OrchMoE against every other method, each at its chosen lr: test R-L paired over the seeds both ran."""
+    lines = ["OrchMoE minus each method, test R-L (mean ± sd over the paired seeds; leads / trails: at every seed):",
+             "", "| method | seeds | " + " | ".join(SETS) + " |", "|---|---|" + "---|" * len(SETS)]  # fmt: skip
+    for other, other_lr in ((m, chosen[m]) for m in ORDER[1:]):
+        if chosen["orchmoe"] is None or other_lr is None:
+            continue
+        runs = {s: (slug("orchmoe", chosen["orchmoe"], s), slug(other, other_lr, s)) for s in SEEDS}
+        seeds = [s for s, pair in runs.items() if set(pair) <= set(scores)]
+        if seeds:
+            a, b = ({s: paired.as_scores(scores[runs[s][i]]) for s in seeds} for i in (0, 1))
+            diffs = paired.differences(a, b)
+            cells = [f"{paired.summary(d)} ({paired.standing(d)})" if (d := diffs.get((s, "rougeL"))) else "-"
+                     for s in SETS]  # fmt: skip
+            lines.append(f"| {other} | {', '.join(map(str, seeds))} | " + " | ".join(cells) + " |")
+    return [*lines, ""] if len(lines) > 4 else []
 
 
 def paired_lines(

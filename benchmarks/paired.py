@@ -45,6 +45,13 @@ def summary(values: list[float]) -> str:
     return f"{statistics.mean(values):+.2f} ± {statistics.stdev(values):.2f}"
 
 
+def standing(diffs: list[float]) -> str:
+    """A against B over paired seeds: "leads" when ahead at every seed, "trails" when behind at every seed."""
+    if all(d > 0 for d in diffs):
+        return "leads"
+    return "trails" if all(d < 0 for d in diffs) else "mixed"
+
+
 def differences(a: dict[int, Scores], b: dict[int, Scores]) -> dict[tuple[str, str], list[float]]:
     """A - B per seed (in seed order) for each (split, score) that every run of both holds."""
     seeds = sorted(a)

@@ -120,7 +120,17 @@ def test_report_pairs_seeds_at_the_chosen_learning_rates(results: Path) -> None:
     assert "| seen | R-L | +2.50 ± 7.78 | 1/2 | +8.00, -3.00 |" in text  # the remedy against LoRA: 40 - 32, 30 - 33
     # the remedy's rule is on validation against OrchMoE at the same seed: 32 - 31, 29 - 30
     assert "orchmoe-alloc minus OrchMoE, validation R-L at seeds [0, 1]: +1.00, -1.00 (above at 1" in text
+    # OrchMoE against every method at its chosen lr, over the seeds both ran: LoRA mixed (-1, +2), Poly absent
+    assert "| lora | 0, 1 | +0.50 ± 2.12 (mixed) | +0.50 ± 2.12 (mixed) | +0.50 ± 2.12 (mixed) |" in text
+    assert "| poly |" not in text
     assert "| orchmoe-lr0.003-seed2 | 0.0030 -> 0.0120 | 0.250 / 0.500 | 6.00 | 0.0200 | 0.50 / 0.70 | -1.00 |" in text
+
+
+@pytest.mark.parametrize(
+    ("diffs", "expected"), [([1.0, 0.5], "leads"), ([-1.0, -0.1], "trails"), ([1.0, -1.0], "mixed"), ([0.0], "mixed")]
+)
+def test_standing_needs_the_same_sign_at_every_seed(diffs: list[float], expected: str) -> None:
+    assert at_scale.paired.standing(diffs) == expected
 
 
 @pytest.mark.parametrize("trained", [False, True])
