@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 import paired
+import router_measures
 
 from orchmoe.pipeline.config import RunConfig, read_config_file
 
@@ -179,54 +180,8 @@ def execute(protocol: str, data_dir: str, run: Planned, work: Path, model: str) 
     return target
 
 
-def family(task: str) -> str:
-    """A task's family: the word after ``taskNNN_`` (scan, jeopardy, odd-man-out, stereoset, detoxifying-lms)."""
-    return task.split("_")[1] if "_" in task else task
-
-
-def log_measures(log: list[dict[str, Any]]) -> dict[str, Any]:
-    """The allocation over training and Z's gradient against the skills', from the training log's entries."""
-    keys = ("step", "allocation_tv", "grad_norm_allocation", "grad_norm_adapter", "abstract_tasks_used")
-    series = [{k: e[k] for k in keys if k in e} for e in log if "allocation_tv" in e]
-    ratios = [e["grad_norm_allocation"] / e["grad_norm_adapter"] for e in series
-              if e.get("grad_norm_adapter")]  # fmt: skip
-    return {
-        "allocation_tv_first": series[0]["allocation_tv"] if series else None,
-        "allocation_tv_last": series[-1]["allocation_tv"] if series else None,
-        "grad_ratio_median": sorted(ratios)[len(ratios) // 2] if ratios else None,
-        "series": series,
-    }
-
-
-def allocation_spread(adapter_dir: Path) -> dict[str, float]:
-    """Whether the abstract tasks get different skill mixes: the total-variation distance between the eval-time
-    allocation rows z_i and z_j of two abstract tasks, over every pair and module (0: every abstract task gets the
-    same mix, so the Task Router's choice cannot change the adapter), its maximum, and the effective number of
-    skills per row exp(H(z_i)) (S for a uniform row)."""
-    import numpy as np
-
-    from orchmoe.pipeline.plots import learned_allocations
-
-    z = learned_allocations(adapter_dir)  # (M, T, S)
-    i, j = np.triu_indices(z.shape[1], k=1)  # every pair of abstract tasks
-    between = 0.5 * np.abs(z[:, i] - z[:, j]).sum(-1)  # (M, T(T-1)/2)
-    return {
-        "between_tasks_tv_mean": float(between.mean()),
-        "between_tasks_tv_max": float(between.max()),
-        "effective_skills": float(np.exp(-(z * np.log(np.where(z > 0, z, 1.0))).sum(-1)).mean()),  # 0 log 0 = 0
-    }
-
-
 def measure(protocol: str, work: Path) -> list[Path]:
     """routers.json for each finished OrchMoE run (remedies included) whose adapter is in ``work``."""
-    import numpy as np
-    from serving import HardRouted
-    from sklearn.metrics import normalized_mutual_info_score
-
-    from orchmoe.pipeline import metrics
-    from orchmoe.pipeline.common import make_selection
-    from orchmoe.pipeline.evaluate import generate, load_trained
-
     written = []
     for folder in sorted((RESULTS / protocol).glob("*")):
         out = work / protocol / folder.name
@@ -240,35 +195,11 @@ def measure(protocol: str, work: Path) -> list[Path]:
         if (folder / ROUTERS).is_file():  # measured: add the allocation's spread if an older measure lacks it
             kept = json.loads((folder / ROUTERS).read_text())
             if "allocation_spread" not in kept:
-                kept["allocation_spread"] = allocation_spread(source / "adapter")
+                kept["allocation_spread"] = router_measures.allocation_spread(source / "adapter")
                 (folder / ROUTERS).write_text(json.dumps(kept, indent=1) + "\n")
                 written.append(folder / ROUTERS)
             continue
-        cfg, loaded, model = load_trained(source)
-        selection = make_selection(cfg)
-        soft = json.loads((folder / "metrics.json").read_text())
-        log = [json.loads(line) for line in (folder / "train_log.jsonl").read_text().splitlines() if line.strip()]
-        result: dict[str, Any] = {**log_measures(log), "allocation_spread": allocation_spread(source / "adapter"),
-                                  "nmi": {}, "hard": {}, "soft": {}}  # fmt: skip
-        sets = {"seen": selection.test, "held_out": selection.held_out, "unseen": selection.unseen}
-        for name, examples in sets.items():
-            if not examples:
-                continue
-            hard = HardRouted(model)
-            rows, _ = generate(hard, loaded, examples, "lora", {}, cfg.eval_batch_size,
-                               cfg.max_input_tokens, cfg.max_new_tokens, progress=False,
-                               chat_template=cfg.chat_template)  # fmt: skip
-            tasks = [r["task"] for r in rows]
-            result["hard"][name] = metrics.score([r["prediction"] for r in rows], [r["references"] for r in rows],
-                                                 tasks)["macro"]  # fmt: skip
-            result["soft"][name] = soft[name]["macro"]
-            assigned = np.asarray(hard.weights).argmax(axis=1)  # the abstract task each prompt was sent to
-            result["nmi"][name] = {
-                "task": float(normalized_mutual_info_score(tasks, assigned)),
-                "family": float(normalized_mutual_info_score([family(t) for t in tasks], assigned)),
-                "abstract_tasks_used": len(set(assigned.tolist())),
-            }
-        (folder / ROUTERS).write_text(json.dumps(result, indent=1) + "\n")
+        (folder / ROUTERS).write_text(json.dumps(router_measures.of_run(folder, source), indent=1) + "\n")
         written.append(folder / ROUTERS)
         print(f"measured {folder.name}", flush=True)
     return written

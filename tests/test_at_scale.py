@@ -16,6 +16,7 @@ from tests.conftest import make_peft
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import at_scale  # noqa: E402
+import router_measures  # noqa: E402
 
 from tests.test_benchmarks import script  # noqa: E402
 
@@ -72,7 +73,7 @@ def test_head_benchmark_prints_its_result_line() -> None:
      ("task140_detoxifying-lms_classification_style", "detoxifying-lms")],
 )  # fmt: skip
 def test_family_of_a_task(task: str, family: str) -> None:
-    assert at_scale.family(task) == family
+    assert router_measures.family(task) == family
 
 
 def test_log_measures_follow_the_allocation_and_the_gradient_ratio() -> None:
@@ -80,7 +81,7 @@ def test_log_measures_follow_the_allocation_and_the_gradient_ratio() -> None:
            {"step": 16, "allocation_tv": 0.01, "grad_norm_allocation": 0.1, "grad_norm_adapter": 10.0},
            {"step": 24, "allocation_tv": 0.02, "grad_norm_allocation": 0.3, "grad_norm_adapter": 10.0},
            {"step": 32, "allocation_tv": 0.04, "grad_norm_allocation": 0.2, "grad_norm_adapter": 10.0}]  # fmt: skip
-    measured = at_scale.log_measures(log)
+    measured = router_measures.log_measures(log)
     assert measured["allocation_tv_first"] == 0.01 and measured["allocation_tv_last"] == 0.04
     assert measured["grad_ratio_median"] == pytest.approx(0.02) and [e["step"] for e in measured["series"]] == [
         16,
@@ -172,6 +173,6 @@ def test_allocation_spread_tells_whether_abstract_tasks_get_different_skills(
                     if skills_of != "uniform":
                         module.logits[task, 0 if skills_of == "same" else task % module.logits.shape[1]] = 50.0
     model.save_pretrained(tmp_path / "adapter")
-    spread = at_scale.allocation_spread(tmp_path / "adapter")
+    spread = router_measures.allocation_spread(tmp_path / "adapter")
     assert spread["between_tasks_tv_mean"] == pytest.approx(between, abs=1e-4)
     assert spread["effective_skills"] == pytest.approx(effective, abs=1e-3)
