@@ -19,13 +19,13 @@ each method's lr chosen on validation ROUGE-L, OrchMoE and LoRA at seeds 1 and 2
 pre-registered OrchMoE remedies at OrchMoE's chosen lr at seeds 0, 1 and 2. A run that needs a choice not yet made
 waits for the runs that make it.
 
-``measure`` (with the run directory's adapter, or the copy kept beside an OrchMoE run's results) writes
-``routers.json`` beside the kept files of each finished OrchMoE run: the allocation's mean TV distance from uniform
-over training and the gradient norms of Z against the skills' (from its log), the NMI of the prompts' argmax
-abstract tasks against their tasks and their families (the word after ``taskNNN_``; a test-split task is a family of
-its own) on every test set, and the scores of hard routing (each prompt to its argmax abstract task: what the
-exported adapters serve) beside soft routing's. ``report`` prints the protocol's tables from the committed files
-only.
+``run`` measures each OrchMoE run's routers as soon as it ends; ``measure`` (with the run directory's adapter, or the
+copy kept beside an OrchMoE run's results) writes ``routers.json`` beside the kept files of each finished OrchMoE run:
+the allocation's mean TV distance from uniform over training and the gradient norms of Z against the skills' (from its
+log), the NMI of the prompts' argmax abstract tasks against their tasks and their families (the word after ``taskNNN_``;
+a test-split task is a family of its own) on every test set, and the scores of hard routing (each prompt to its argmax
+abstract task: what the exported adapters serve) beside soft routing's. ``report`` prints the protocol's tables from the
+committed files only.
 """
 
 from __future__ import annotations
@@ -326,6 +326,8 @@ def main() -> None:
             continue
         target = execute(args.protocol, args.data_dir, r, args.work, args.model)
         print(f"finished {r.name} -> {target}", flush=True)
+        if r.method == "orchmoe":  # its routers now, not beside the next run's training
+            measure(args.protocol, args.work)
         done += 1
         if args.limit and done >= args.limit:
             break
