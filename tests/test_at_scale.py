@@ -1,5 +1,6 @@
-"""benchmarks/at_scale.py: the plan follows the protocol (grid first, seeds and remedies once the lr is chosen on
-validation), and the head benchmark prints its result line."""
+"""benchmarks/at_scale.py and router_measures.py: the plan follows the protocol (grid first, seeds and remedies once
+the lr is chosen on validation), the report pairs seeds at the chosen lrs, parking carries what a run needs, the
+router measures read the log and the allocation, and the head benchmark prints its result line."""
 
 from __future__ import annotations
 
