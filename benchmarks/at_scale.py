@@ -246,22 +246,30 @@ def report(protocol: str) -> str:
     return "\n".join(lines)
 
 
+def seed_pairs(
+    scores: dict[str, dict[str, Any]], a: tuple[str, float], b: tuple[str, float]
+) -> tuple[dict[int, paired.Scores], dict[int, paired.Scores]]:
+    """The test scores of runs A and B, each a (variant, lr), at every seed both have finished."""
+    seeds = [s for s in SEEDS if slug(*a, s) in scores and slug(*b, s) in scores]
+    runs_a, runs_b = ({s: paired.as_scores(scores[slug(*run, s)]) for s in seeds} for run in (a, b))
+    return runs_a, runs_b
+
+
 def standing_lines(scores: dict[str, dict[str, Any]], chosen: dict[str, float | None]) -> list[str]:
     """OrchMoE against every other method, each at its chosen lr: test R-L paired over the seeds both ran."""
-    lines = ["OrchMoE minus each method, test R-L (mean ± sd over the paired seeds; leads / trails: at every seed):",
-             "", "| method | seeds | " + " | ".join(SETS) + " |", "|---|---|" + "---|" * len(SETS)]  # fmt: skip
-    for other, other_lr in ((m, chosen[m]) for m in ORDER[1:]):
-        if chosen["orchmoe"] is None or other_lr is None:
-            continue
-        runs = {s: (slug("orchmoe", chosen["orchmoe"], s), slug(other, other_lr, s)) for s in SEEDS}
-        seeds = [s for s, pair in runs.items() if set(pair) <= set(scores)]
-        if seeds:
-            a, b = ({s: paired.as_scores(scores[runs[s][i]]) for s in seeds} for i in (0, 1))
+    lr, rows = chosen["orchmoe"], []
+    for other in ORDER[1:]:
+        other_lr = chosen[other]
+        a, b = seed_pairs(scores, ("orchmoe", lr), (other, other_lr)) if lr and other_lr else ({}, {})
+        if a:
             diffs = paired.differences(a, b)
             cells = [f"{paired.summary(d)} ({paired.standing(d)})" if (d := diffs.get((s, "rougeL"))) else "-"
                      for s in SETS]  # fmt: skip
-            lines.append(f"| {other} | {', '.join(map(str, seeds))} | " + " | ".join(cells) + " |")
-    return [*lines, ""] if len(lines) > 4 else []
+            rows.append(f"| {other} | {', '.join(map(str, a))} | " + " | ".join(cells) + " |")
+    if not rows:
+        return []
+    head = "OrchMoE minus each method, test R-L (mean ± sd over the paired seeds; leads / trails: at every seed):"
+    return [head, "", "| method | seeds | " + " | ".join(SETS) + " |", "|---|---|" + "---|" * len(SETS), *rows, ""]
 
 
 def paired_lines(
@@ -273,12 +281,10 @@ def paired_lines(
     if lr is None:
         return lines
     for variant in ("orchmoe", *REMEDIES):
-        runs = {s: slug(variant, lr, s) for s in SEEDS if slug(variant, lr, s) in scores}
-        lora = {s: slug("lora", lora_lr, s) for s in runs if lora_lr and slug("lora", lora_lr, s) in scores}
-        if lora:
-            a = {s: paired.as_scores(scores[runs[s]]) for s in lora}
-            b = {s: paired.as_scores(scores[lora[s]]) for s in lora}
+        a, b = seed_pairs(scores, (variant, lr), ("lora", lora_lr)) if lora_lr else ({}, {})
+        if a:
             lines += [f"{variant} (A) minus LoRA (B), test:", "", *paired.difference_table(a, b), ""]
+        runs = {s: slug(variant, lr, s) for s in SEEDS if slug(variant, lr, s) in scores}
         base = {s: slug("orchmoe", lr, s) for s in runs if variant in REMEDIES and slug("orchmoe", lr, s) in scores}
         if base:
             diffs = [val[runs[s]] - val[base[s]] for s in base]
