@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from orchmoe.pipeline.common import make_selection
+from orchmoe.pipeline.trainer import total_steps
 from orchmoe.tuner.router import SkillRouter
 from tests.conftest import make_peft
 
@@ -60,6 +62,20 @@ def test_lr_chosen_on_validation_then_seeds_and_remedies(results: Path, low: flo
     assert cfg.method == "orchmoe" and cfg.allocation_lr == 0.1 and cfg.noise_scale_end == 0.0 and cfg.lr == chosen
     assert cfg.n_train == 128 and cfg.n_test == 50 and len(cfg.tasks) == 16 and len(cfg.held_out_tasks) == 5
     assert at_scale.chosen_lr("families", "lora") is None  # LoRA's grid is not finished
+
+
+SNI_FULL = ROOT.parent / "shared" / "sni-full"
+
+
+@pytest.mark.skipif(not SNI_FULL.is_dir(), reason="../shared/sni-full is not on this machine")
+@pytest.mark.parametrize("protocol", ["families", "sni-10"])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_every_seed_trains_at_least_250_steps_on_the_real_data(protocol: str, seed: int) -> None:
+    """The protocol asks >= 250 optimizer steps per run: each seed draws its own tasks, and a short task gives fewer
+    instances than ``n_train``, so the count is checked on the data the runs read."""
+    run = at_scale.Planned(at_scale.slug("lora", 1e-3, seed), "lora", "lora", 1e-3, seed, ())
+    cfg = at_scale.config_of(protocol, str(SNI_FULL), run, "tiny-gemma3")
+    assert total_steps(cfg, len(make_selection(cfg).train)) >= 250
 
 
 def test_head_benchmark_prints_its_result_line() -> None:
