@@ -45,7 +45,11 @@ from orchmoe.pipeline.config import RunConfig, read_config_file
 
 ROOT = Path(__file__).resolve().parent
 RESULTS = ROOT / "results" / "sni-full"
-CONFIGS = {"families": ROOT / "configs" / "sni-full-families.yaml", "sni-10": ROOT / "configs" / "sni-full-10.yaml"}
+CONFIGS = {
+    "families": ROOT / "configs" / "sni-full-families.yaml",
+    "sni-10": ROOT / "configs" / "sni-full-10.yaml",
+    "families-gpu": ROOT / "configs" / "sni-full-families-gpu.yaml",
+}
 KEPT = ("config.json", "data.json", "metrics.json", "val_metrics.json", "train_log.jsonl")
 ROUTERS = "routers.json"
 SETS = paired.SPLITS  # seen, held_out, unseen
@@ -60,6 +64,9 @@ REMEDIES: dict[str, dict[str, Any]] = {
     "orchmoe-alloc-fade": {"allocation_lr": 0.1, "noise_scale_end": 0.0},  # and the Gumbel noise faded to 0
 }
 ORDER = ("orchmoe", "lora", "poly", "mhr")
+# a protocol with its learning rates fixed in advance, no grid: families-gpu (benchmarks/gpu.py, 10x the families
+# protocol's steps; a device session holds minutes) takes the lrs the families protocol chose on validation
+FIXED_LRS: dict[str, dict[str, float]] = {"families-gpu": {"orchmoe": 1e-3, "lora": 3e-3, "poly": 3e-3, "mhr": 1e-3}}
 
 
 @dataclass(frozen=True)
@@ -93,6 +100,8 @@ def validation_score(protocol: str, name: str) -> float | None:
 
 def chosen_lr(protocol: str, method: str) -> float | None:
     """The grid value with the best validation ROUGE-L at seed 0 (ties: the lower lr); None until all are done."""
+    if protocol in FIXED_LRS:
+        return FIXED_LRS[protocol][method]
     scores = {lr: validation_score(protocol, slug(method, lr, 0)) for lr in GRID[method]}
     if any(s is None for s in scores.values()):
         return None
@@ -101,6 +110,9 @@ def chosen_lr(protocol: str, method: str) -> float | None:
 
 def plan(protocol: str) -> tuple[list[Planned], list[str]]:
     """(runs whose settings are known, in order; runs waiting for an lr choice)."""
+    if protocol in FIXED_LRS:  # seed by seed, every method at each seed: what a device session finishes is paired
+        lrs = FIXED_LRS[protocol]
+        return [Planned(slug(m, lrs[m], s), m, m, lrs[m], s) for s in SEEDS for m in ORDER], []
     runs = [Planned(slug(m, GRID[m][i], 0), m, m, GRID[m][i], 0) for i in range(2) for m in ORDER]
     waiting = []
     for method in ("orchmoe", "lora"):
@@ -222,7 +234,7 @@ def report(protocol: str) -> str:
     chosen = {m: chosen_lr(protocol, m) for m in ORDER}
     lines += [
         "",
-        "Learning rates chosen on validation R-L: "
+        ("Learning rates fixed in advance: " if protocol in FIXED_LRS else "Learning rates chosen on validation R-L: ")
         + ", ".join(f"{m} {lr:g}" if lr else f"{m} (grid unfinished)" for m, lr in chosen.items()),
         "",
     ]
@@ -295,6 +307,7 @@ def paired_lines(
 
 
 def main() -> None:
+    global RESULTS  # --results: every function reads it when called
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("command", choices=["run", "plan", "park", "measure", "report"])
     parser.add_argument("--protocol", choices=list(CONFIGS), default="families")
@@ -305,7 +318,13 @@ def main() -> None:
         "--only", nargs="+", help="run these planned runs only, in this order (names as `plan` prints them)"
     )
     parser.add_argument("--limit", type=int, default=0, help="stop after this many runs (0: all that are known)")
+    parser.add_argument("--results", type=Path, help=f"where finished runs are kept (default {RESULTS})")
+    parser.add_argument("--config", type=Path, help="the protocol's settings from this YAML instead (a dry run)")
     args = parser.parse_args()
+    if args.results:
+        RESULTS = args.results
+    if args.config:
+        CONFIGS[args.protocol] = args.config
     runs, waiting = plan(args.protocol)
     if args.only:  # in the order given
         planned = {r.name: r for r in runs}

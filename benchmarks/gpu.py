@@ -11,16 +11,18 @@ Protocol, fixed before any run (BENCHMARKS.md records it with the results):
 - speed (bf16, Gemma 3 270M architecture with random weights): frozen base, LoRA, OrchMoE, Poly, MHR in one process,
   training step and peak memory at batch 8 and 64, prefill, per-token decode at batch 1 and 32 with the KV cache;
   medians of 7 repeats after 2 warm-ups, with device synchronisation; ratios to LoRA.
-- quality (bf16, Gemma 3 270M): sni-10 with 64 training instances per task for 5 epochs (400 optimizer steps, 10x the
-  CPU benchmark's 40), each method at the learning rate its validation split picks from {1e-3, 3e-3, 1e-2} (seed 0),
-  then seeds 0, 1, 2, tested on 8 + up to 20 more instances per task and 12 unseen tasks; sni-many: every training
-  task of the data's split (at most 100), 64 instances each, at the sni-10 choice, seeds 0, 1, 2. Parity as on the
-  CPU (LoRA rank 16; 8 skills of rank 2), routers at 1x. The four methods run as parallel processes.
+- at scale (bf16, Gemma 3 270M; `at_scale.py --protocol families-gpu`, BENCHMARKS.md "At scale on the GPU"): the
+  families protocol of ../shared/sni-full at 10x its optimizer steps (2,600 of batch 8, one epoch, no example seen
+  twice), each method at the lr the families protocol chose on validation, seeds 0, 1, 2; a seed's four methods run
+  as parallel processes, and a seed starts only while the time left holds it (runs finished in an earlier session,
+  committed under benchmarks/results/sni-full/families-gpu/, are not repeated). Parity as on the CPU (LoRA rank 16;
+  8 skills of rank 2), routers at 1x.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import shutil
 import statistics
@@ -38,22 +40,21 @@ sys.path.insert(0, str(HERE))
 from gpu_stage import sha256, stage  # noqa: E402
 
 METHODS = ("orchmoe", "lora", "poly", "mhr")
+PROTOCOL = "families-gpu"
 # fmt: off
 GPU = {
     "speed": [["--batch", "8"], ["--batch", "64"]],
     "speed_common": ["--device", "cuda", "--dtype", "bf16", "--random-weights", "--decode-batches", "1", "32",
                      "--repeats", "7", "--warmup", "2"],
-    "quality": ["--model", "gemma3-270m", "--precision", "bf16", "--n-train", "64", "--epochs", "5", "--n-test", "8",
-                "--n-unseen", "12", "--lrs", "1e-3", "3e-3", "1e-2", "--seeds", "0", "1", "2", "--n-extra", "20"],
-    "many": ["--many-tasks", "100", "--many-train", "64", "--many-test", "2", "--many-seeds", "0", "1", "2"],
+    "at_scale": ["--model", "gemma3-270m"],
+    "seeds": [0, 1, 2],
 }
 DRY = {
     "speed": [["--batch", "2"]],
     "speed_common": ["--model", "tiny-gemma3", "--device", "cpu", "--decode-batches", "1", "2", "--repeats", "1",
                      "--warmup", "1", "--new-tokens", "3", "--prompt", "8", "--target", "4"],
-    "quality": ["--model", "tiny-gemma3", "--n-train", "2", "--epochs", "1", "--n-test", "1", "--n-unseen", "2",
-                "--lrs", "1e-3", "--seeds", "0", "--n-extra", "1", "--max-new-tokens", "2", "--n-val", "1"],
-    "many": ["--many-tasks", "3", "--many-train", "1", "--many-test", "1", "--many-seeds", "0"],
+    "at_scale": ["--model", "tiny-gemma3"],  # and --config: the dry protocol on the built-in suite (dry_protocol)
+    "seeds": [0, 1],
 }
 # fmt: on
 
@@ -130,27 +131,53 @@ def speed(settings: dict, out: Path, deadline: float) -> dict[str, int]:
     return codes
 
 
-def quality(settings: dict, data: Path, out: Path, deadline: float) -> dict[str, int]:
-    """lr-sweep (4 methods in parallel, each in its own folder), then sni-many at each method's chosen lr."""
-    script = [sys.executable, str(HERE / "quality.py"), "--data-dir", str(data)]
-    sweep = {f"sweep-{m}": [*script, "--out", str(out / f"quality-{m}"), "--parts", "lr-sweep", "--sweep-methods", m,
-                            *settings["quality"]] for m in METHODS}  # fmt: skip
-    codes = parallel(sweep, out, 0.6 * max(60.0, deadline - time.time()))
-    chosen = {m: lr for m in METHODS if (lr := chosen_lr(out, m)) is not None}
-    many = {
-        f"many-{m}": [*script, "--out", str(out / f"many-{m}"), "--parts", "sni-many", "--methods", m, "--lr", str(lr),
-                      *settings["quality"], *settings["many"]]
-        for m, lr in chosen.items()
-    }  # fmt: skip
-    if many:
-        codes.update(parallel(many, out, max(30.0, deadline - time.time())))
+def at_scale(settings: dict, data: Path, out: Path, work: Path, deadline: float) -> dict[str, int]:
+    """families-gpu (at_scale.py) seed by seed, each seed's four methods as parallel processes. A seed starts only
+    while the time left holds another wave as long as the last one took; finished runs (the committed ones copied in
+    first) are skipped, so a later device session goes on with the next seed."""
+    results = out / "results"
+    committed = HERE / "results" / "sni-full" / PROTOCOL
+    if committed.is_dir():
+        shutil.copytree(committed, results / PROTOCOL, dirs_exist_ok=True)
+    script = [sys.executable, str(HERE / "at_scale.py"), "--protocol", PROTOCOL, "--results", str(results),
+              *settings["at_scale"]]  # fmt: skip
+    planned = subprocess.run([*script[:2], "plan", *script[2:]], capture_output=True, text=True, check=True).stdout
+    todo = [line.split()[1] for line in planned.splitlines() if line.startswith("todo")]
+    codes: dict[str, int] = {}
+    last = 0.0
+    for seed in settings["seeds"]:
+        wave = [name for name in todo if name.endswith(f"-seed{seed}")]
+        left = deadline - time.time()
+        if not wave or left < max(60.0, 1.1 * last):
+            continue
+        began = time.time()
+        jobs = {name: [*script[:2], "run", *script[2:], "--data-dir", str(data), "--work", str(work),
+                       "--only", name] for name in wave}  # fmt: skip
+        codes.update(parallel(jobs, out, left))
+        last = time.time() - began
+    report = subprocess.run([*script[:2], "report", *script[2:]], capture_output=True, text=True, check=True).stdout
+    (out / "report.md").write_text(report)
     return codes
 
 
-def chosen_lr(out: Path, method: str) -> float | None:
-    """The lr ``method``'s sweep chose (its quality.json), None when the sweep did not finish."""
-    report = out / f"quality-{method}" / "quality.json"
-    return json.loads(report.read_text())["lr-sweep"]["chosen"][method] if report.is_file() else None
+def dry_protocol(data: Path, out: Path) -> Path:
+    """families-gpu's shape on the built-in suite, for --dry-run: three trained tasks, one held out, two unseen."""
+    train = (data / "splits" / "default" / "train_tasks.txt").read_text().split()
+    options = {"tasks": train[:3], "held_out_tasks": train[3:4], "n_unseen": 2, "n_train": 2, "n_test": 1,
+               "epochs": 1.0, "batch_size": 2, "max_new_tokens": 2, "eval_batch_size": 2, "log_every": 1}  # fmt: skip
+    path = out / "dry-protocol.json"
+    path.write_text(json.dumps(options, indent=1))
+    return path
+
+
+def standing(report: str) -> list[str]:
+    """The lines of at_scale's report that carry the verdict: how many runs finished, OrchMoE against each method."""
+    lines = report.splitlines()
+    kept = [line for line in lines if line.startswith("## ")]
+    k = next((i for i, line in enumerate(lines) if line.startswith("OrchMoE minus each method")), None)
+    if k is not None:  # its heading, a blank line, then the table up to the next blank line
+        kept += [lines[k], *itertools.takewhile(bool, lines[k + 2 :])]
+    return kept
 
 
 def allocation_distance(adapter: Path) -> float:
@@ -179,17 +206,16 @@ def summary(out: Path, codes: dict[str, int]) -> str:
             f"{report.stem}: train step OrchMoE/LoRA {data['train_step_s']['orchmoe'] / lora:.3f}, "
             f"decode OrchMoE/LoRA {ratios}"
         )
-    for m in METHODS:
-        lr = chosen_lr(out, m)
-        lines.append(f"lr-sweep {m}: chosen {lr if lr is not None else 'none (runs missing)'}")
-    adapters = sorted((out / "quality-orchmoe").glob("**/adapter"))
+    if (out / "report.md").is_file():
+        lines += standing((out / "report.md").read_text())
+    adapters = sorted((out / "results" / PROTOCOL).glob("orchmoe-*/adapter"))
     if adapters:
         distances = [allocation_distance(a) for a in adapters]
         lines.append(
             f"OrchMoE allocation distance from uniform (TV), {len(distances)} runs: "
             f"{statistics.mean(distances):.3f} (min {min(distances):.3f}, max {max(distances):.3f})"
         )
-    lines.append(f"tables: {out}/quality-<method>/quality.md, {out}/many-<method>/quality.md; logs beside them")
+    lines.append(f"tables: {out}/report.md; runs: {out}/results/{PROTOCOL}/ (commit them); logs beside them")
     return "\n".join(lines)
 
 
@@ -199,6 +225,8 @@ def main() -> None:
     parser.add_argument("--staging", type=Path, default=Path("gpu-staging"))
     parser.add_argument("--out", type=Path, help="run the benchmark and write here")
     parser.add_argument("--data-dir", type=Path, help="an SNI-layout directory (default: the staged one)")
+    parser.add_argument("--work", type=Path, default=Path("runs/gpu-work"),
+                        help="run directories (not under --out: only the kept results come back)")  # fmt: skip
     parser.add_argument("--dry-run", action="store_true", help="tiny model, built-in suite, CPU: the same code path")
     parser.add_argument("--minutes", type=float, default=9.0, help="wall-time budget")
     args = parser.parse_args()
@@ -219,8 +247,10 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     data = args.data_dir or bootstrap(args.staging, install=not args.dry_run)
     settings = DRY if args.dry_run else GPU
-    codes = speed(settings, args.out, began + 0.25 * (deadline - began))
-    codes.update(quality(settings, data, args.out, deadline - 15))
+    if args.dry_run:
+        settings = {**settings, "at_scale": [*settings["at_scale"], "--config", str(dry_protocol(data, args.out))]}
+    codes = speed(settings, args.out, began + 0.2 * (deadline - began))
+    codes.update(at_scale(settings, data, args.out, args.work, deadline - 15))
     text = summary(args.out, codes)
     (args.out / "summary.txt").write_text(text + "\n")
     print(text)

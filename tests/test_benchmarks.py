@@ -115,23 +115,44 @@ def test_paired_comparison_reports_per_seed_differences(tmp_path: Path) -> None:
     assert mismatched.returncode != 0 and "same seeds" in mismatched.stderr
 
 
-def test_gpu_benchmark_dry_run_goes_through_staging_speed_and_quality(tmp_path: Path) -> None:
+def test_gpu_benchmark_dry_run_goes_through_staging_speed_and_the_at_scale_waves(tmp_path: Path) -> None:
     """benchmarks/gpu.py --dry-run: the GPU command's code path on the CPU (tiny model, built-in suite), so that no
-    GPU minute is spent on a typo: staging in pieces, reassembly with checksums, speed, sweep, sni-many, summary."""
+    GPU minute is spent on a typo: staging in pieces, reassembly with checksums, speed, the at-scale protocol seed by
+    seed (four methods in parallel per seed), its report, the summary."""
     out, staging = tmp_path / "gpu", tmp_path / "staging"
     command = [sys.executable, str(ROOT / "benchmarks" / "gpu.py"), "--dry-run", "--out", str(out), "--staging",
-               str(staging)]  # fmt: skip
+               str(staging), "--work", str(tmp_path / "work")]  # fmt: skip
     done = subprocess.run(command, capture_output=True, text=True, timeout=900, cwd=ROOT)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    # run directories stay in --work; only the kept results come back under --out
+    assert (tmp_path / "work" / "families-gpu" / "lora-lr0.003-seed0" / "adapter").is_dir()
+    assert not list(out.glob("**/lora-*/adapter"))
     manifest = json.loads((staging / "MANIFEST.json").read_text())
     assert len(manifest["calls"]) > 1  # the data really went through several calls' pieces
     summary = (out / "summary.txt").read_text()
     assert done.stdout.strip().endswith(summary.strip().splitlines()[-1])  # the summary is printed last
-    assert "train step OrchMoE/LoRA" in summary and "chosen 0.001" in summary
-    assert "allocation distance from uniform" in summary
-    for method in ("orchmoe", "lora", "poly", "mhr"):
-        assert (out / f"many-{method}" / "sni-many" / f"{method}-seed0" / "metrics.json").is_file()
-        assert (out / f"quality-{method}" / "quality.md").is_file()
+    assert "train step OrchMoE/LoRA" in summary and "## families-gpu: 8 finished runs" in summary
+    assert "| lora | 0, 1 |" in summary and "allocation distance from uniform (TV), 2 runs" in summary
+    for method, lr in (("orchmoe", "0.001"), ("lora", "0.003"), ("poly", "0.003"), ("mhr", "0.001")):
+        for seed in (0, 1):
+            kept = out / "results" / "families-gpu" / f"{method}-lr{lr}-seed{seed}"
+            assert {"metrics.json", "val_metrics.json", "train_log.jsonl"} <= {p.name for p in kept.iterdir()}
+    assert (out / "results" / "families-gpu" / "orchmoe-lr0.001-seed1" / "routers.json").is_file()
+
+
+def test_gpu_staging_keeps_only_the_protocols_tasks(tmp_path: Path) -> None:
+    """gpu_stage.subset: the trained and held-out tasks the config names and the test split, the splits unchanged."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from gpu_stage import subset
+
+    suite = write_suite(tmp_path / "suite", seed=0, n_instances=4)
+    train = (suite / "splits" / "default" / "train_tasks.txt").read_text().split()
+    test = (suite / "splits" / "default" / "test_tasks.txt").read_text().split()
+    config = tmp_path / "protocol.json"
+    config.write_text(json.dumps({"tasks": train[:2], "held_out_tasks": train[2:3]}))
+    kept = subset(suite, config, tmp_path / "kept")
+    assert sorted(p.stem for p in (kept / "tasks").glob("*.json")) == sorted(train[:3] + test)
+    assert (kept / "splits" / "default" / "train_tasks.txt").read_text().split() == train
 
 
 def test_serving_benchmark_on_a_tiny_run(tmp_path: Path) -> None:
