@@ -155,6 +155,10 @@ def at_scale(settings: dict, data: Path, out: Path, work: Path, deadline: float)
                        "--only", name] for name in wave}  # fmt: skip
         codes.update(parallel(jobs, out, left))
         last = time.time() - began
+    for log in (work / PROTOCOL).glob("*/train_log.jsonl"):  # how far a run cut off by the deadline got
+        if not (results / PROTOCOL / log.parent.name / "metrics.json").is_file():
+            (out / "unfinished" / log.parent.name).mkdir(parents=True, exist_ok=True)
+            shutil.copy(log, out / "unfinished" / log.parent.name / log.name)
     report = subprocess.run([*script[:2], "report", *script[2:]], capture_output=True, text=True, check=True).stdout
     (out / "report.md").write_text(report)
     return codes
@@ -208,6 +212,9 @@ def summary(out: Path, codes: dict[str, int]) -> str:
         )
     if (out / "report.md").is_file():
         lines += standing((out / "report.md").read_text())
+    for log in sorted(out.glob("unfinished/*/train_log.jsonl")):
+        last = json.loads(log.read_text().splitlines()[-1]) if log.read_text().strip() else {}
+        lines.append(f"unfinished {log.parent.name}: step {last.get('step', 0)}, {last.get('seconds', 0):.0f} s")
     adapters = sorted((out / "results" / PROTOCOL).glob("orchmoe-*/adapter"))
     if adapters:
         distances = [allocation_distance(a) for a in adapters]

@@ -126,7 +126,7 @@ def test_gpu_benchmark_dry_run_goes_through_staging_speed_and_the_at_scale_waves
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     # run directories stay in --work; only the kept results come back under --out
     assert (tmp_path / "work" / "families-gpu" / "lora-lr0.003-seed0" / "adapter").is_dir()
-    assert not list(out.glob("**/lora-*/adapter"))
+    assert not list(out.glob("**/lora-*/adapter")) and not (out / "unfinished").exists()  # every run finished
     manifest = json.loads((staging / "MANIFEST.json").read_text())
     assert len(manifest["calls"]) > 1  # the data really went through several calls' pieces
     summary = (out / "summary.txt").read_text()
@@ -170,3 +170,14 @@ def test_serving_benchmark_on_a_tiny_run(tmp_path: Path) -> None:
     done = script("serving.py", "latency", "--model", "tiny-gemma3", "--repeats", "1", "--batch", "4", "--prompt", "8",
                   "--new-tokens", "3")  # fmt: skip
     assert "served (mixed batch)" in done.stdout
+
+
+def test_gpu_summary_says_how_far_a_run_cut_off_by_the_deadline_got(tmp_path: Path) -> None:
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from gpu import summary
+
+    log = tmp_path / "unfinished" / "orchmoe-lr0.001-seed1" / "train_log.jsonl"
+    log.parent.mkdir(parents=True)
+    log.write_text(json.dumps({"step": 8, "seconds": 1.5}) + "\n" + json.dumps({"step": 96, "seconds": 12.4}) + "\n")
+    text = summary(tmp_path, {"orchmoe-lr0.001-seed1": 124})
+    assert "orchmoe-lr0.001-seed1 exit 124" in text and "unfinished orchmoe-lr0.001-seed1: step 96, 12 s" in text
