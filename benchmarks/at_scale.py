@@ -19,13 +19,13 @@ each method's lr chosen on validation ROUGE-L, OrchMoE and LoRA at seeds 1 and 2
 pre-registered OrchMoE remedies at OrchMoE's chosen lr at seeds 0, 1 and 2. A run that needs a choice not yet made
 waits for the runs that make it.
 
-``run`` measures each OrchMoE run's routers as soon as it ends; ``measure`` (with the run directory's adapter, or the
-copy kept beside an OrchMoE run's results) writes ``routers.json`` beside the kept files of each finished OrchMoE run:
-the allocation's mean TV distance from uniform over training and the gradient norms of Z against the skills' (from its
-log), the NMI of the prompts' argmax abstract tasks against their tasks and their families (the word after ``taskNNN_``;
-a test-split task is a family of its own) on every test set, and the scores of hard routing (each prompt to its argmax
-abstract task: what the exported adapters serve) beside soft routing's. ``report`` prints the protocol's tables from the
-committed files only.
+``run`` measures each OrchMoE run's routers as soon as it ends; ``measure`` (with the run directory's adapter:
+adapters are not kept with the results, so that the tree a device call carries stays small) writes ``routers.json``
+beside the kept files of each finished OrchMoE run: the allocation's mean TV distance from uniform over training and
+the gradient norms of Z against the skills' (from its log), the NMI of the prompts' argmax abstract tasks against
+their tasks and their families (the word after ``taskNNN_``; a test-split task is a family of its own) on every test
+set, and the scores of hard routing (each prompt to its argmax abstract task: what the exported adapters serve)
+beside soft routing's. ``report`` prints the protocol's tables from the committed files only.
 """
 
 from __future__ import annotations
@@ -186,8 +186,6 @@ def execute(protocol: str, data_dir: str, run: Planned, work: Path, model: str) 
     target.mkdir(parents=True, exist_ok=True)
     for name in KEPT:
         shutil.copy2(out / name, target / name)
-    if cfg.method == "orchmoe":  # kept for `measure` (3 MB), which routes and generates with it
-        shutil.copytree(out / "adapter", target / "adapter", dirs_exist_ok=True)
     shutil.rmtree(target / "in-progress", ignore_errors=True)
     return target
 
@@ -200,9 +198,9 @@ def measure(protocol: str, work: Path) -> list[Path]:
         config = json.loads((folder / "config.json").read_text()) if (folder / "config.json").is_file() else {}
         if config.get("method") != "orchmoe" or not finished(protocol, folder.name):
             continue
-        source = out if (out / "adapter").is_dir() else folder  # the work directory, else the kept adapter
+        source = out if (out / "adapter").is_dir() else folder  # the work directory, else an adapter kept beside
         if not (source / "adapter").is_dir():
-            print(f"skip {folder.name}: no adapter in {out} or {folder}")
+            print(f"skip {folder.name}: no adapter in {out} or {folder} (run it again to measure it)")
             continue
         if (folder / ROUTERS).is_file():  # measured: add the allocation's spread if an older measure lacks it
             kept = json.loads((folder / ROUTERS).read_text())

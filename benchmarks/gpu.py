@@ -33,8 +33,6 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import torch
-
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from gpu_stage import sha256, stage  # noqa: E402
@@ -184,16 +182,11 @@ def standing(report: str) -> list[str]:
     return kept
 
 
-def allocation_distance(adapter: Path) -> float:
-    """Mean total-variation distance from uniform of the learned allocation rows softmax(Z / tau), over modules and
-    abstract tasks (0: Z never left uniform; 1 - 1/S: every row one-hot)."""
-    from safetensors.torch import load_file
-
-    config = json.loads((adapter / "adapter_config.json").read_text())
-    rows = [z.float() / config["temperature"] for k, z in load_file(adapter / "adapter_model.safetensors").items()
-            if "orchmoe_skill_router" in k]  # fmt: skip
-    z = torch.stack(rows).softmax(dim=-1)  # (M, T, S)
-    return 0.5 * (z - 1.0 / z.shape[-1]).abs().sum(dim=-1).mean().item()
+def last_allocation_tv(log: Path) -> float | None:
+    """The allocation's mean total-variation distance from uniform at a run's last logged step (0: Z never left
+    uniform; 1 - 1/S: every row one-hot), from its training log."""
+    entries = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+    return next((e["allocation_tv"] for e in reversed(entries) if "allocation_tv" in e), None)
 
 
 def summary(out: Path, codes: dict[str, int]) -> str:
@@ -215,9 +208,9 @@ def summary(out: Path, codes: dict[str, int]) -> str:
     for log in sorted(out.glob("unfinished/*/train_log.jsonl")):
         last = json.loads(log.read_text().splitlines()[-1]) if log.read_text().strip() else {}
         lines.append(f"unfinished {log.parent.name}: step {last.get('step', 0)}, {last.get('seconds', 0):.0f} s")
-    adapters = sorted((out / "results" / PROTOCOL).glob("orchmoe-*/adapter"))
-    if adapters:
-        distances = [allocation_distance(a) for a in adapters]
+    logs = sorted((out / "results" / PROTOCOL).glob("orchmoe-*/train_log.jsonl"))
+    distances = [tv for log in logs if (tv := last_allocation_tv(log)) is not None]
+    if distances:
         lines.append(
             f"OrchMoE allocation distance from uniform (TV), {len(distances)} runs: "
             f"{statistics.mean(distances):.3f} (min {min(distances):.3f}, max {max(distances):.3f})"

