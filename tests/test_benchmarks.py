@@ -12,6 +12,9 @@ import pytest
 from orchmoe.data import write_suite
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from gpu import summary  # noqa: E402
+from gpu_stage import piece_size, subset  # noqa: E402
 
 
 def script(name: str, *args: str) -> subprocess.CompletedProcess:
@@ -144,9 +147,6 @@ def test_gpu_benchmark_dry_run_goes_through_staging_speed_and_the_at_scale_waves
 
 def test_gpu_staging_keeps_only_the_protocols_tasks(tmp_path: Path) -> None:
     """gpu_stage.subset: the trained and held-out tasks the config names and the test split, the splits unchanged."""
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    from gpu_stage import subset
-
     suite = write_suite(tmp_path / "suite", seed=0, n_instances=4)
     train = (suite / "splits" / "default" / "train_tasks.txt").read_text().split()
     test = (suite / "splits" / "default" / "test_tasks.txt").read_text().split()
@@ -175,9 +175,6 @@ def test_serving_benchmark_on_a_tiny_run(tmp_path: Path) -> None:
 
 
 def test_gpu_summary_says_how_far_a_run_cut_off_by_the_deadline_got(tmp_path: Path) -> None:
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    from gpu import summary
-
     log = tmp_path / "unfinished" / "orchmoe-lr0.001-seed1" / "train_log.jsonl"
     log.parent.mkdir(parents=True)
     log.write_text(json.dumps({"step": 8, "seconds": 1.5}) + "\n" + json.dumps({"step": 96, "seconds": 12.4}) + "\n")
@@ -188,15 +185,9 @@ def test_gpu_summary_says_how_far_a_run_cut_off_by_the_deadline_got(tmp_path: Pa
 @pytest.mark.parametrize(("tree_mib", "piece_mib"), [(1, 56), (21, 41), (54, 8)])
 def test_gpu_pieces_leave_room_for_the_working_tree(tree_mib: int, piece_mib: int) -> None:
     """A device call carries the working tree beside its call folder, 64 MiB in all: pieces shrink as the tree grows."""
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    from gpu_stage import piece_size
-
     assert piece_size(tree_mib * 2**20) == piece_mib * 2**20
 
 
 def test_gpu_staging_refuses_a_tree_that_leaves_no_room() -> None:
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    from gpu_stage import piece_size
-
     with pytest.raises(SystemExit, match="git rm --cached"):
         piece_size(60 * 2**20)
