@@ -198,18 +198,17 @@ def measure(protocol: str, work: Path) -> list[Path]:
         config = json.loads((folder / "config.json").read_text()) if (folder / "config.json").is_file() else {}
         if config.get("method") != "orchmoe" or not finished(protocol, folder.name):
             continue
-        source = out if (out / "adapter").is_dir() else folder  # the work directory, else an adapter kept beside
-        if not (source / "adapter").is_dir():
-            print(f"skip {folder.name}: no adapter in {out} or {folder} (run it again to measure it)")
+        if not (out / "adapter").is_dir():  # adapters are not kept with the results
+            print(f"skip {folder.name}: no adapter in {out} (run it again to measure it)")
             continue
         if (folder / ROUTERS).is_file():  # measured: add the allocation's spread if an older measure lacks it
             kept = json.loads((folder / ROUTERS).read_text())
             if "allocation_spread" not in kept:
-                kept["allocation_spread"] = router_measures.allocation_spread(source / "adapter")
+                kept["allocation_spread"] = router_measures.allocation_spread(out / "adapter")
                 (folder / ROUTERS).write_text(json.dumps(kept, indent=1) + "\n")
                 written.append(folder / ROUTERS)
             continue
-        (folder / ROUTERS).write_text(json.dumps(router_measures.of_run(folder, source), indent=1) + "\n")
+        (folder / ROUTERS).write_text(json.dumps(router_measures.of_run(folder, out), indent=1) + "\n")
         written.append(folder / ROUTERS)
         print(f"measured {folder.name}", flush=True)
     return written

@@ -166,8 +166,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         sni = subset(args.sni, args.tasks_of, Path(tmp) / "sni")
         tree = tree_bytes(HERE.parent)
-        manifest = stage(sni, args.staging, [] if args.no_wheels else WHEELS, size=piece_size(tree))
-    print(f"working tree {tree / 2**20:.1f} MiB, pieces of at most {piece_size(tree) / 2**20:.1f} MiB")
+        size = piece_size(tree)
+        manifest = stage(sni, args.staging, [] if args.no_wheels else WHEELS, size=size)
+    print(f"working tree {tree / 2**20:.1f} MiB, pieces of at most {size / 2**20:.1f} MiB")
     n = len(manifest["calls"])
     print(f"staged {len(manifest['files'])} files in {n} call folders under {args.staging}")
     for k in range(1, n + 1):
