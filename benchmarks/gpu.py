@@ -5,7 +5,8 @@
 
 Runs offline on a bare single-GPU machine: what it needs beyond Python, torch, transformers, accelerate and peft
 comes from the staging folder (benchmarks/gpu_stage.py), reassembled from pieces and checked against sha256 sums.
-Writes its tables and logs under --out and prints a short summary last. Budget: 9 minutes of wall time.
+Writes under --out the summary (printed last too), the at-scale report, and the rest (results, logs, the train logs
+of runs cut off) in one archive, gpu-out.tgz: a device call brings back 8 files. Budget: 9 minutes of wall time.
 
 Protocol, fixed before any run (BENCHMARKS.md records it with the results):
 - speed (bf16, Gemma 3 270M architecture with random weights): frozen base, LoRA, OrchMoE, Poly, MHR in one process,
@@ -39,6 +40,8 @@ from gpu_stage import sha256, stage  # noqa: E402
 
 METHODS = ("orchmoe", "lora", "poly", "mhr")
 PROTOCOL = "families-gpu"
+ARCHIVE = "gpu-out.tgz"
+RETURNED = ("summary.txt", "report.md", ARCHIVE)  # what a device call brings back: the rest is in the archive
 # fmt: off
 GPU = {
     "speed": [["--batch", "8"], ["--batch", "64"]],
@@ -162,6 +165,20 @@ def at_scale(settings: dict, data: Path, out: Path, work: Path, deadline: float)
     return codes
 
 
+def pack(out: Path) -> Path:
+    """Everything under ``out`` but the summary and the report in one archive, ``gpu-out.tgz``: a device call brings
+    back at most 8 files, none deeper than two folders. Unpack it where the results are committed from."""
+    archive = out / ARCHIVE
+    with tarfile.open(archive, "w:gz") as tar:
+        for path in sorted(out.iterdir()):
+            if path.name not in RETURNED:
+                tar.add(path, arcname=path.name)
+    for path in out.iterdir():
+        if path.name not in RETURNED:
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+    return archive
+
+
 def dry_protocol(data: Path, out: Path) -> Path:
     """families-gpu's shape on the built-in suite, for --dry-run: three trained tasks, one held out, two unseen."""
     train = (data / "splits" / "default" / "train_tasks.txt").read_text().split()
@@ -215,7 +232,7 @@ def summary(out: Path, codes: dict[str, int]) -> str:
             f"OrchMoE allocation distance from uniform (TV), {len(distances)} runs: "
             f"{statistics.mean(distances):.3f} (min {min(distances):.3f}, max {max(distances):.3f})"
         )
-    lines.append(f"tables: {out}/report.md; runs: {out}/results/{PROTOCOL}/ (commit them); logs beside them")
+    lines.append(f"tables: {out}/report.md; runs, logs: {out}/{ARCHIVE} (unpack; commit results/{PROTOCOL}/)")
     return "\n".join(lines)
 
 
@@ -253,6 +270,7 @@ def main() -> None:
     codes.update(at_scale(settings, data, args.out, args.work, deadline - 15))
     text = summary(args.out, codes)
     (args.out / "summary.txt").write_text(text + "\n")
+    pack(args.out)
     print(text)
     if any(codes.values()):
         sys.exit(1)

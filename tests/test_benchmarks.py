@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -131,6 +132,9 @@ def test_gpu_benchmark_dry_run_goes_through_staging_speed_and_the_at_scale_waves
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     # run directories stay in --work; only the kept results come back under --out
     assert (tmp_path / "work" / "families-gpu" / "lora-lr0.003-seed0" / "adapter").is_dir()
+    assert sorted(p.name for p in out.iterdir()) == ["gpu-out.tgz", "report.md", "summary.txt"]  # a call brings 8
+    with tarfile.open(out / "gpu-out.tgz") as tar:
+        tar.extractall(out, filter="data")
     assert not list(out.glob("**/adapter")) and not (out / "unfinished").exists()  # every run finished
     manifest = json.loads((staging / "MANIFEST.json").read_text())
     assert len(manifest["calls"]) > 1  # the data really went through several calls' pieces

@@ -143,6 +143,31 @@ def test_nonfinite_losses_are_skipped_then_stop_the_run(tmp_path: Path, capsys) 
     assert [(e["step"], e.get("skipped_nonfinite")) for e in log] == [(2, 1), (4, 2)]  # step 1 trains at lr 0
 
 
+@pytest.mark.parametrize("method", ["orchmoe", "lora"])
+def test_a_finite_loss_with_a_nonfinite_gradient_is_skipped_too(
+    tmp_path: Path, capsys, monkeypatch, method: str
+) -> None:
+    """An overflow in the backward under a finite loss: the step is skipped (the weights stay finite, the log counts
+    it), as a non-finite loss is; before, one such update made every weight NaN and every later loss NaN."""
+    from orchmoe.pipeline import trainer
+
+    real = trainer.lm_loss
+
+    def overflowing_backward(model, batch, kwargs, is_encoder_decoder):
+        loss, n_tokens = real(model, batch, kwargs, is_encoder_decoder)
+        w = next(p for p in model.parameters() if p.requires_grad)
+        return loss + torch.sqrt((w - w.detach()).abs().sum()), n_tokens  # + 0, with a gradient of 0 * inf = NaN
+
+    monkeypatch.setattr(trainer, "lm_loss", overflowing_backward)
+    out = tmp_path / "r"
+    code = main(["train", "--out", str(out), *TINY, "--method", method, "--epochs", "10", "--nan-patience", "3",
+                 "--log-every", "2"])  # fmt: skip
+    assert code == 2 and "NaN/inf for 4 consecutive steps (up to step 4)" in capsys.readouterr().err
+    log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert [e.get("skipped_nonfinite") for e in log] == [2, 2]
+    assert all(torch.isfinite(torch.tensor(e["loss"])) for e in log)  # the losses themselves were finite
+
+
 def test_same_seed_same_everything_on_cpu(tmp_path: Path) -> None:
     for name in ("a", "b"):
         run("train", "--out", str(tmp_path / name), *TINY, "--max-steps", "4", "--lr", "0.01")

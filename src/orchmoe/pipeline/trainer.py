@@ -5,10 +5,10 @@ run resumed from a checkpoint sees exactly the batches an uninterrupted run woul
 target tokens only: the output head runs on the supervised positions alone (``orchmoe.head``), never on the prompt.
 
 The host reads values from the device once per logged step (``log_step``): losses, routing statistics, gradient
-norms and skipped steps stay on the device in between. A step whose loss is not finite is skipped by the optimizer
-itself (fused AdamW reads a ``found_inf`` flag, as under a GradScaler), and the run stops with ``TrainingDiverged``
-when the skipped streak read at a logged step reaches ``nan_patience``. The supervised head's gather (a shape that
-depends on the labels) is the one read left inside a step.
+norms and skipped steps stay on the device in between. A step whose loss or gradient norm is not finite is skipped by
+the optimizer itself (fused AdamW reads a ``found_inf`` flag, as under a GradScaler), and the run stops with
+``TrainingDiverged`` when the skipped streak read at a logged step reaches ``nan_patience``. The supervised head's
+gather (a shape that depends on the labels) is the one read left inside a step.
 """
 
 from __future__ import annotations
@@ -269,8 +269,9 @@ def prepare(run: Run) -> None:
 
 def train_step(run: Run, step: int, logged: bool = False) -> None:
     """One optimizer step over ``grad_accum`` micro-batches, without reading the device from the host: a step whose
-    loss is not finite on any process is skipped by the optimizer itself (fused AdamW's ``found_inf``), and
-    recorded in ``run.skips``. A ``logged`` step keeps the gradient norms of each parameter kind (before clipping)."""
+    loss or gradient norm is not finite on any process is skipped by the optimizer itself (fused AdamW's
+    ``found_inf``), and recorded in ``run.skips``. A ``logged`` step keeps the gradient norms of each parameter
+    kind (before clipping)."""
     cfg, accelerator, model = run.cfg, run.accelerator, run.model
     run.method.step_begin(run.unwrapped, cfg, step - 1, run.steps)
     nonfinite = torch.zeros((), device=accelerator.device)
@@ -292,11 +293,14 @@ def train_step(run: Run, step: int, logged: bool = False) -> None:
             nonfinite = nonfinite + (~torch.isfinite(total.detach())).float()
             accelerator.backward(total / cfg.grad_accum)
         run.window.append((loss.detach(), aux.detach()))  # read at the next log entry
-    skip = (accelerator.reduce(nonfinite, "sum") > 0).float()  # every process skips together
     if logged:
         run.grad_norms = gradient_norms(run.method, run.unwrapped)
-    if cfg.max_grad_norm > 0:
-        accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+    # the total norm is read on the device even without clipping (a bound of inf scales nothing): a finite loss can
+    # still give a non-finite gradient (an overflow in the backward), and one such update would make every weight NaN
+    norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf)
+    if norm is not None:  # DeepSpeed clips inside its own step and returns none
+        nonfinite = nonfinite + (~torch.isfinite(norm.detach())).float().to(nonfinite.device)
+    skip = (accelerator.reduce(nonfinite, "sum") > 0).float()  # every process skips together
     optimizer = getattr(run.optimizer, "optimizer", run.optimizer)  # accelerate's wrapper holds the fused AdamW
     optimizer.found_inf = skip  # read by the fused kernel: no update, no step count (fp16's GradScaler sets its own)
     run.optimizer.step()
