@@ -11,10 +11,12 @@ most PIECE bytes each. Carry them one call at a time, back to back so the machin
 
     run(command="python3 benchmarks/gpu.py --receive gpu-staging/call-1", carry=["gpu-staging/call-1"])
     ...
-    run(command="python3 benchmarks/gpu.py --receive gpu-staging/call-N --out $OUT/gpu", carry=[...call-N])
+    run(command="python3 benchmarks/gpu.py --receive gpu-staging/call-N", carry=["gpu-staging/call-N"])
+    run(command="python3 benchmarks/gpu.py --out $OUT/gpu", timeout_s=600)
 
 ``--receive`` moves a call's pieces to ``gpu-staging/received`` (ignored, so it stays on the warm machine); the
-last call reassembles and checks every file, installs the wheels offline and runs the benchmark.
+call that brings the last piece reassembles and checks every file and installs the wheels offline; the next call runs
+the benchmark with its whole time.
 """
 
 from __future__ import annotations
@@ -175,9 +177,9 @@ def main() -> None:
     n = len(manifest["calls"])
     print(f"staged {len(manifest['files'])} files in {n} call folders under {args.staging}")
     for k in range(1, n + 1):
-        tail = " --out $OUT/gpu" if k == n else ""
-        print(f'  run(command="python3 benchmarks/gpu.py --receive {args.staging}/call-{k}{tail}", '
+        print(f'  run(command="python3 benchmarks/gpu.py --receive {args.staging}/call-{k}", '
               f'carry=["{args.staging}/call-{k}"])')  # fmt: skip
+    print('  run(command="python3 benchmarks/gpu.py --out $OUT/gpu", timeout_s=600)  # at once, while warm')
 
 
 if __name__ == "__main__":
