@@ -64,7 +64,7 @@ REMEDIES: dict[str, dict[str, Any]] = {
     "orchmoe-alloc-fade": {"allocation_lr": 0.1, "noise_scale_end": 0.0},  # and the Gumbel noise faded to 0
 }
 ORDER = ("orchmoe", "lora", "poly", "mhr")
-# a protocol with its learning rates fixed in advance, no grid: families-gpu (benchmarks/gpu.py, 5x the families
+# a protocol with its learning rates fixed in advance, no grid: families-gpu (benchmarks/gpu.py, 10x the families
 # protocol's steps; a device session holds minutes) takes the lrs the families protocol chose on validation
 FIXED_LRS: dict[str, dict[str, float]] = {"families-gpu": {"orchmoe": 1e-3, "lora": 3e-3, "poly": 3e-3, "mhr": 1e-3}}
 

@@ -1,4 +1,4 @@
-"""The GPU benchmark in one command: the SNI comparison at five times the CPU's scale, and speed side by side.
+"""The GPU benchmark in one command: the SNI comparison at ten times the CPU's scale, and speed side by side.
 
     python3 benchmarks/gpu.py --receive gpu-staging/call-K     # on the GPU machine, each call (see gpu_stage.py)
     python3 benchmarks/gpu.py --out DIR                          # the next call, at once: the benchmark
@@ -7,17 +7,19 @@
 Runs offline on a bare single-GPU machine: what it needs beyond Python, torch, transformers, accelerate and peft
 comes from the staging folder (benchmarks/gpu_stage.py), reassembled from pieces and checked against sha256 sums; the
 call that brings the last piece installs it. Writes under --out the summary (printed last too), the at-scale report,
-and the rest (results, logs, the train logs of runs cut off) in one archive, gpu-out.tgz: a device call brings back
-8 files. Budget: 9.5 minutes of wall time.
+and the rest (results, parked checkpoints of runs cut off, logs) in one archive cut into 15 MiB parts: a device call
+brings back 8 files of 16 MiB. Here, `python benchmarks/gpu.py --unpack DIR` puts a returned folder back into
+benchmarks/results/sni-full/families-gpu, to commit. Budget: 9.5 minutes of wall time.
 
 Protocol (BENCHMARKS.md records it with the results; amended 2026-12-04 after the first device session, before any
-run finished: 5x instead of 10x, fp32 instead of bf16, at scale before speed):
+run finished: fp32 instead of bf16, checkpoints parked across calls, at scale before speed):
 - at scale (fp32, Gemma 3 270M; `at_scale.py --protocol families-gpu`, BENCHMARKS.md "At scale on the GPU"): the
-  families protocol of ../shared/sni-full at 5x its optimizer steps (1,292 of batch 8, one epoch, no example seen
+  families protocol of ../shared/sni-full at 10x its optimizer steps (2,600 of batch 8, one epoch, no example seen
   twice), each method at the lr the families protocol chose on validation, seeds 0, 1, 2; a seed's four methods run
-  as parallel processes, and a seed starts only while the time left holds it (runs finished in an earlier session,
-  committed under benchmarks/results/sni-full/families-gpu/, are not repeated). Parity as on the CPU (LoRA rank 16;
-  8 skills of rank 2), routers at 1x.
+  as parallel processes while MIN_WAVE seconds are left; a run cut off is parked at its last checkpoint (every 100
+  steps) and resumed by the next call or session; runs finished in an earlier session, committed under
+  benchmarks/results/sni-full/families-gpu/, are not repeated. Parity as on the CPU (LoRA rank 16; 8 skills of rank
+  2), routers at 1x.
 - speed, with the time left (at least SPEED_RESERVE; bf16, Gemma 3 270M architecture with random weights): frozen
   base, LoRA, OrchMoE, Poly, MHR in one process, training step and peak memory at batch 8 and 64, prefill, per-token
   decode at batch 1 and 32 with the KV cache; medians of 7 repeats after 2 warm-ups, with device synchronisation;
@@ -34,20 +36,24 @@ import statistics
 import subprocess
 import sys
 import tarfile
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from gpu_stage import sha256, stage  # noqa: E402
+from gpu_stage import pieces, sha256, stage  # noqa: E402
 
 METHODS = ("orchmoe", "lora", "poly", "mhr")
 PROTOCOL = "families-gpu"
+COMMITTED = HERE / "results" / "sni-full" / PROTOCOL  # the runs of earlier device sessions, as committed
 ARCHIVE = "gpu-out.tgz"
-SPEED_RESERVE = 150.0  # seconds kept for speed after the at-scale waves (it timed out in 106 s on 2026-12-04)
+SPEED_RESERVE = 150.0  # seconds speed needs at least (it timed out in 106 s on 2026-12-04)
+MIN_WAVE = 120.0  # seconds: a wave started with less left loads and trains too little to reach a checkpoint
+PART = 15 * 2**20  # the archive's parts: a file a device call brings back holds at most 16 MiB
 READY = "READY"  # in gpu-staging/assembled once everything is reassembled, checked and installed
-RETURNED = ("summary.txt", "report.md", ARCHIVE)  # what a device call brings back: the rest is in the archive
+RETURNED = ("summary.txt", "report.md")  # beside the archive's parts: what a device call brings back
 # fmt: off
 GPU = {
     "speed": [["--batch", "8"], ["--batch", "64"]],
@@ -153,29 +159,27 @@ def speed(settings: dict, out: Path, deadline: float) -> dict[str, int]:
 
 
 def at_scale(settings: dict, data: Path, out: Path, work: Path, deadline: float) -> dict[str, int]:
-    """families-gpu (at_scale.py) seed by seed, each seed's four methods as parallel processes. A seed starts only
-    while the time left holds another wave as long as the last one took; finished runs (the committed ones copied in
-    first) are skipped, so a later device session goes on with the next seed."""
+    """families-gpu (at_scale.py) seed by seed, each seed's four methods as parallel processes, while at least
+    MIN_WAVE seconds are left. Finished runs (the committed ones copied in first) are skipped; runs cut off by the
+    deadline are parked (their last checkpoint under results/.../in-progress), so the next call, or the next session
+    once they are committed, resumes them."""
     results = out / "results"
-    committed = HERE / "results" / "sni-full" / PROTOCOL
-    if committed.is_dir():
-        shutil.copytree(committed, results / PROTOCOL, dirs_exist_ok=True)
+    if COMMITTED.is_dir():
+        shutil.copytree(COMMITTED, results / PROTOCOL, dirs_exist_ok=True)
     script = [sys.executable, str(HERE / "at_scale.py"), "--protocol", PROTOCOL, "--results", str(results),
               *settings["at_scale"]]  # fmt: skip
     planned = subprocess.run([*script[:2], "plan", *script[2:]], capture_output=True, text=True, check=True).stdout
     todo = [line.split()[1] for line in planned.splitlines() if line.startswith("todo")]
     codes: dict[str, int] = {}
-    last = 0.0
     for seed in settings["seeds"]:
         wave = [name for name in todo if name.endswith(f"-seed{seed}")]
         left = deadline - time.time()
-        if not wave or left < max(60.0, 1.1 * last):
+        if not wave or left < MIN_WAVE:
             continue
-        began = time.time()
         jobs = {name: [*script[:2], "run", *script[2:], "--data-dir", str(data), "--work", str(work),
                        "--only", name] for name in wave}  # fmt: skip
         codes.update(parallel(jobs, out, left))
-        last = time.time() - began
+    subprocess.run([*script[:2], "park", *script[2:], "--work", str(work)], check=True, capture_output=True)
     for log in (work / PROTOCOL).glob("*/train_log.jsonl"):  # how far a run cut off by the deadline got
         if not (results / PROTOCOL / log.parent.name / "metrics.json").is_file():
             (out / "unfinished" / log.parent.name).mkdir(parents=True, exist_ok=True)
@@ -185,18 +189,38 @@ def at_scale(settings: dict, data: Path, out: Path, work: Path, deadline: float)
     return codes
 
 
-def pack(out: Path) -> Path:
-    """Everything under ``out`` but the summary and the report in one archive, ``gpu-out.tgz``: a device call brings
-    back at most 8 files, none deeper than two folders. Unpack it where the results are committed from."""
+def pack(out: Path, part: int = PART) -> list[Path]:
+    """Everything under ``out`` but the summary and the report in one archive cut into parts of at most ``part``
+    bytes, ``gpu-out.tgz.000``, ...: a device call brings back at most 8 files of at most 16 MiB, none deeper than
+    two folders. ``--unpack`` puts them back here."""
     archive = out / ARCHIVE
     with tarfile.open(archive, "w:gz") as tar:
         for path in sorted(out.iterdir()):
-            if path.name not in RETURNED:
+            if path.name not in RETURNED and path != archive:
                 tar.add(path, arcname=path.name)
+    parts = pieces(archive, out, part)
+    archive.unlink()
     for path in out.iterdir():
-        if path.name not in RETURNED:
+        if path.name not in RETURNED and path not in parts:
             shutil.rmtree(path) if path.is_dir() else path.unlink()
-    return archive
+    return parts
+
+
+def unpack(returned: Path, runs: Path, committed: Path = COMMITTED) -> Path:
+    """The archive a device call brought back, put back here: ``results/families-gpu`` replaces the committed
+    folder (it holds every committed run, copied in first, and parked runs' checkpoints, and no longer those of runs
+    that finished since), the rest goes to ``runs`` (logs, speed reports). Returns the results folder to commit."""
+    with tempfile.TemporaryDirectory() as tmp:
+        archive = Path(tmp) / ARCHIVE
+        with archive.open("wb") as f:
+            for part in sorted(returned.glob(f"{ARCHIVE}.*")):
+                f.write(part.read_bytes())
+        with tarfile.open(archive) as tar:
+            tar.extractall(runs, filter="data")
+    if (runs / "results" / PROTOCOL).is_dir():
+        shutil.rmtree(committed, ignore_errors=True)
+        shutil.copytree(runs / "results" / PROTOCOL, committed)
+    return committed
 
 
 def dry_protocol(data: Path, out: Path) -> Path:
@@ -252,7 +276,7 @@ def summary(out: Path, codes: dict[str, int]) -> str:
             f"OrchMoE allocation distance from uniform (TV), {len(distances)} runs: "
             f"{statistics.mean(distances):.3f} (min {min(distances):.3f}, max {max(distances):.3f})"
         )
-    lines.append(f"tables: {out}/report.md; runs, logs: {out}/{ARCHIVE} (unpack; commit results/{PROTOCOL}/)")
+    lines.append(f"tables: {out}/report.md; runs, logs: {out}/{ARCHIVE}.* (here: gpu.py --unpack DIR, then commit)")
     return "\n".join(lines)
 
 
@@ -265,8 +289,12 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("runs/gpu-work"),
                         help="run directories (not under --out: only the kept results come back)")  # fmt: skip
     parser.add_argument("--dry-run", action="store_true", help="tiny model, built-in suite, CPU: the same code path")
+    parser.add_argument("--unpack", type=Path, help="here: a returned folder (gpu-out.tgz.*) back into results")
     parser.add_argument("--minutes", type=float, default=9.5, help="wall-time budget")
     args = parser.parse_args()
+    if args.unpack is not None:
+        print(f"commit {unpack(args.unpack, args.work.parent / 'gpu-returned')}")
+        return
     began = time.time()
     deadline = began + 60 * args.minutes
     if args.dry_run:  # stage the built-in suite in pieces of 4 KiB, to go through reassembly as the GPU run does
@@ -288,8 +316,8 @@ def main() -> None:
     settings = DRY if args.dry_run else GPU
     if args.dry_run:
         settings = {**settings, "at_scale": [*settings["at_scale"], "--config", str(dry_protocol(data, args.out))]}
-    # the at-scale wave first (the claim), speed with what is left (a side-by-side ratio needs no long run)
-    codes = at_scale(settings, data, args.out, args.work, deadline - SPEED_RESERVE)
+    # the at-scale waves first (the claim), speed once they leave time for it
+    codes = at_scale(settings, data, args.out, args.work, deadline - 30)
     if deadline - time.time() >= SPEED_RESERVE:
         codes.update(speed(settings, args.out, deadline - 15))
     text = summary(args.out, codes)

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
-import tarfile
 from pathlib import Path
 
 import pytest
@@ -14,7 +14,7 @@ from orchmoe.data import write_suite
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from gpu import summary  # noqa: E402
+from gpu import pack, summary, unpack  # noqa: E402
 from gpu_stage import piece_size, subset  # noqa: E402
 
 
@@ -132,10 +132,10 @@ def test_gpu_benchmark_dry_run_goes_through_staging_speed_and_the_at_scale_waves
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     # run directories stay in --work; only the kept results come back under --out
     assert (tmp_path / "work" / "families-gpu" / "lora-lr0.003-seed0" / "adapter").is_dir()
-    assert sorted(p.name for p in out.iterdir()) == ["gpu-out.tgz", "report.md", "summary.txt"]  # a call brings 8
-    with tarfile.open(out / "gpu-out.tgz") as tar:
-        tar.extractall(out, filter="data")
-    assert not list(out.glob("**/adapter")) and not (out / "unfinished").exists()  # every run finished
+    assert sorted(p.name for p in out.iterdir()) == ["gpu-out.tgz.000", "report.md", "summary.txt"]  # a call: 8
+    committed = unpack(out, tmp_path / "returned", committed=tmp_path / "committed")
+    back = tmp_path / "returned"
+    assert not list(back.glob("**/adapter")) and not (back / "unfinished").exists()  # every run finished
     manifest = json.loads((staging / "MANIFEST.json").read_text())
     assert len(manifest["calls"]) > 1  # the data really went through several calls' pieces
     summary = (out / "summary.txt").read_text()
@@ -144,9 +144,34 @@ def test_gpu_benchmark_dry_run_goes_through_staging_speed_and_the_at_scale_waves
     assert "| lora | 0, 1 |" in summary and "allocation distance from uniform (TV), 2 runs" in summary
     for method, lr in (("orchmoe", "0.001"), ("lora", "0.003"), ("poly", "0.003"), ("mhr", "0.001")):
         for seed in (0, 1):
-            kept = out / "results" / "families-gpu" / f"{method}-lr{lr}-seed{seed}"
+            kept = back / "results" / "families-gpu" / f"{method}-lr{lr}-seed{seed}"
             assert {"metrics.json", "val_metrics.json", "train_log.jsonl"} <= {p.name for p in kept.iterdir()}
-    assert (out / "results" / "families-gpu" / "orchmoe-lr0.001-seed1" / "routers.json").is_file()
+    assert (back / "results" / "families-gpu" / "orchmoe-lr0.001-seed1" / "routers.json").is_file()
+    returned = back / "results" / "families-gpu"
+    assert sorted(p.name for p in committed.iterdir()) == sorted(p.name for p in returned.iterdir())
+
+
+def test_gpu_archive_parts_fit_a_call_and_unpack_replaces_the_committed_runs(tmp_path: Path) -> None:
+    """pack: one archive in parts of at most ``part`` bytes beside the summary and report; unpack: the returned
+    results replace the committed folder, so a parked run that finished since loses its old checkpoint."""
+    out = tmp_path / "out"
+    run = out / "results" / "families-gpu" / "lora-lr0.003-seed0"
+    (run / "in-progress" / "checkpoints").mkdir(parents=True)
+    (run / "in-progress" / "checkpoints" / "state.pt").write_bytes(os.urandom(10240))  # incompressible
+    (out / "speed-b8.json").write_text("{}")
+    (out / "summary.txt").write_text("summary")
+    (out / "report.md").write_text("report")
+    parts = pack(out, part=4096)
+    assert len(parts) > 1 and all(p.stat().st_size <= 4096 for p in parts)
+    assert sorted(p.name for p in out.iterdir()) == sorted([p.name for p in parts] + ["report.md", "summary.txt"])
+    committed = tmp_path / "committed"
+    (committed / "lora-lr0.003-seed0" / "in-progress").mkdir(parents=True)  # parked before, since finished
+    (committed / "orchmoe-lr0.001-seed0").mkdir()
+    (committed / "orchmoe-lr0.001-seed0" / "metrics.json").write_text("{}")
+    unpack(out, tmp_path / "returned", committed=committed)
+    assert [p.name for p in committed.iterdir()] == ["lora-lr0.003-seed0"]  # the archive's copy is the whole truth
+    assert (committed / "lora-lr0.003-seed0" / "in-progress" / "checkpoints" / "state.pt").stat().st_size == 10240
+    assert (tmp_path / "returned" / "speed-b8.json").is_file()
 
 
 def test_gpu_staging_keeps_only_the_protocols_tasks(tmp_path: Path) -> None:
