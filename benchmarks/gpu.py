@@ -209,7 +209,9 @@ def pack(out: Path, part: int = PART) -> list[Path]:
 def unpack(returned: Path, runs: Path, committed: Path = COMMITTED) -> Path:
     """The archive a device call brought back, put back here: ``results/families-gpu`` replaces the committed
     folder (it holds every committed run, copied in first, and parked runs' checkpoints, and no longer those of runs
-    that finished since), the rest goes to ``runs`` (logs, speed reports). Returns the results folder to commit."""
+    that finished since), the rest goes to ``runs`` (logs, speed reports; emptied first, so that nothing of an earlier
+    return mixes in). Returns the results folder to commit."""
+    shutil.rmtree(runs, ignore_errors=True)
     with tempfile.TemporaryDirectory() as tmp:
         archive = Path(tmp) / ARCHIVE
         with archive.open("wb") as f:
