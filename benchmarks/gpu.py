@@ -43,7 +43,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from gpu_stage import pieces, sha256, stage  # noqa: E402
+from gpu_stage import join, pieces, sha256, stage  # noqa: E402
 
 METHODS = ("orchmoe", "lora", "poly", "mhr")
 PROTOCOL = "families-gpu"
@@ -81,13 +81,12 @@ def receive(folder: Path, staging: Path) -> None:
     print(f"received {folder}: {len(list(received.iterdir()))} files in {received}")
 
 
-def complete(staging: Path) -> bool:
-    """Whether every piece the manifest names has been received."""
-    received = staging / "received"
+def missing_pieces(received: Path) -> list[str]:
+    """The pieces the manifest names that have not been received (all of them, by name, before the manifest)."""
     if not (received / "MANIFEST.json").is_file():
-        return False
+        return ["MANIFEST.json"]
     manifest = json.loads((received / "MANIFEST.json").read_text())
-    return all((received / p).is_file() for f in manifest["files"].values() for p in f["pieces"])
+    return [p for f in manifest["files"].values() for p in f["pieces"] if not (received / p).is_file()]
 
 
 def bootstrap(staging: Path, install: bool) -> Path:
@@ -96,16 +95,12 @@ def bootstrap(staging: Path, install: bool) -> Path:
     received, whole = staging / "received", staging / "assembled"
     if (whole / READY).is_file():
         return whole / "sni"
-    manifest = json.loads((received / "MANIFEST.json").read_text())
-    missing = [p for f in manifest["files"].values() for p in f["pieces"] if not (received / p).is_file()]
+    missing = missing_pieces(received)
     if missing:
         raise SystemExit(f"staging incomplete: {len(missing)} pieces missing (first {missing[0]}); carry every call.")
+    manifest = json.loads((received / "MANIFEST.json").read_text())
     for name, entry in manifest["files"].items():
-        target = whole / name
-        target.parent.mkdir(parents=True, exist_ok=True)
-        with target.open("wb") as out:
-            for piece in entry["pieces"]:
-                out.write((received / piece).read_bytes())
+        target = join([received / piece for piece in entry["pieces"]], whole / name)
         if sha256(target) != entry["sha256"]:
             raise SystemExit(f"{name}: sha256 mismatch after reassembly; stage again.")
     wheels = sorted((whole / "wheels").glob("*.whl")) if (whole / "wheels").is_dir() else []
@@ -213,10 +208,7 @@ def unpack(returned: Path, runs: Path, committed: Path = COMMITTED) -> Path:
     return mixes in). Returns the results folder to commit."""
     shutil.rmtree(runs, ignore_errors=True)
     with tempfile.TemporaryDirectory() as tmp:
-        archive = Path(tmp) / ARCHIVE
-        with archive.open("wb") as f:
-            for part in sorted(returned.glob(f"{ARCHIVE}.*")):
-                f.write(part.read_bytes())
+        archive = join(sorted(returned.glob(f"{ARCHIVE}.*")), Path(tmp) / ARCHIVE)
         with tarfile.open(archive) as tar:
             tar.extractall(runs, filter="data")
     if (runs / "results" / PROTOCOL).is_dir():
@@ -309,7 +301,7 @@ def main() -> None:
             receive(args.staging / f"call-{k}", args.staging)
     elif args.receive is not None:
         receive(args.receive, args.staging)
-        if complete(args.staging):  # the last piece is in: install now, so the benchmark's call has its whole time
+        if not missing_pieces(args.staging / "received"):  # the last piece: install now, not in the benchmark's call
             print(f"ready: {bootstrap(args.staging, install=True)}")
     if args.out is None:
         return

@@ -78,6 +78,15 @@ def pieces(path: Path, out: Path, size: int) -> list[Path]:
     return parts
 
 
+def join(parts: list[Path], target: Path) -> Path:
+    """The inverse of :func:`pieces`: ``parts``, in order, written end to end into ``target``."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with target.open("wb") as f:
+        for part in parts:
+            f.write(part.read_bytes())
+    return target
+
+
 def tree_bytes(root: Path) -> int:
     """What travels with every device call: the files git tracks and the untracked ones it does not ignore."""
     listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=root,
