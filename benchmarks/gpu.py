@@ -52,6 +52,7 @@ ARCHIVE = "gpu-out.tgz"
 SPEED_RESERVE = 300.0  # seconds speed needs at least: batch 8 did not finish in 106 s on 2026-12-04
 MIN_WAVE = 120.0  # seconds: a wave started with less left loads and trains too little to reach a checkpoint
 PART = 15 * 2**20  # the archive's parts: a file a device call brings back holds at most 16 MiB
+PROBE_TIMEOUT = 120.0  # seconds for sdpa_probe.py (two model builds, eight forward and backward passes)
 READY = "READY"  # in gpu-staging/assembled once everything is reassembled, checked and installed
 RETURNED = ("summary.txt", "report.md")  # beside the archive's parts: what a device call brings back
 # fmt: off
@@ -61,6 +62,7 @@ GPU = {
                      "--repeats", "7", "--warmup", "2"],
     "at_scale": ["--model", "gemma3-270m"],
     "seeds": [0, 1, 2],
+    "probe": ["--device", "cuda", "--random-weights"],
 }
 DRY = {
     "speed": [["--batch", "2"]],
@@ -68,6 +70,7 @@ DRY = {
                      "--warmup", "1", "--new-tokens", "3", "--prompt", "8", "--target", "4"],
     "at_scale": ["--model", "tiny-gemma3"],  # and --config: the dry protocol on the built-in suite (dry_protocol)
     "seeds": [0, 1],
+    "probe": ["--model", "tiny-gemma3", "--device", "cpu"],
 }
 # fmt: on
 
@@ -134,6 +137,13 @@ def parallel(jobs: dict[str, list[str]], out: Path, timeout: float) -> dict[str,
     with ThreadPoolExecutor(len(jobs)) as pool:
         codes = {name: pool.submit(run, cmd, out / f"{name}.log", timeout) for name, cmd in jobs.items()}
     return {name: code.result() for name, code in codes.items()}
+
+
+def sdpa_probe(settings: dict, out: Path) -> dict[str, int]:
+    """benchmarks/sdpa_probe.py: whether attention's backward gives NaN on the batch shape that preceded the bf16
+    divergence of 2026-12-04 (seconds; first, so that every session answers it)."""
+    command = [sys.executable, str(HERE / "sdpa_probe.py"), *settings["probe"], "--out", str(out / "sdpa-probe.json")]
+    return {"sdpa-probe": run(command, out / "sdpa-probe.log", PROBE_TIMEOUT)}
 
 
 def speed(settings: dict, out: Path, deadline: float) -> dict[str, int]:
@@ -258,6 +268,10 @@ def summary(out: Path, codes: dict[str, int]) -> str:
             f"{report.stem}: train step OrchMoE/LoRA {data['train_step_s']['orchmoe'] / lora:.3f}, "
             f"decode OrchMoE/LoRA {ratios}"
         )
+    if (out / "sdpa-probe.json").is_file():
+        cases = json.loads((out / "sdpa-probe.json").read_text())["cases"]
+        bad = [f"{c['dtype']} width {c['width']} {c['backends']}" for c in cases if c["nonfinite_grads"]]
+        lines.append(f"sdpa probe, non-finite gradients: {', '.join(bad) or 'none'} ({len(cases)} cases)")
     if (out / "report.md").is_file():
         lines += standing((out / "report.md").read_text())
     for log in sorted(out.glob("unfinished/*/train_log.jsonl")):
@@ -310,8 +324,9 @@ def main() -> None:
     settings = DRY if args.dry_run else GPU
     if args.dry_run:
         settings = {**settings, "at_scale": [*settings["at_scale"], "--config", str(dry_protocol(data, args.out))]}
-    # the at-scale waves first (the claim), speed once they leave time for it
-    codes = at_scale(settings, data, args.out, args.work, deadline - 30)
+    # the probe (seconds), then the at-scale waves (the claim), speed once they leave time for it
+    codes = sdpa_probe(settings, args.out)
+    codes |= at_scale(settings, data, args.out, args.work, deadline - 30)
     if deadline - time.time() >= SPEED_RESERVE:
         codes.update(speed(settings, args.out, deadline - 15))
     text = summary(args.out, codes)

@@ -123,8 +123,8 @@ def test_paired_comparison_reports_per_seed_differences(tmp_path: Path) -> None:
 
 def test_gpu_benchmark_dry_run_goes_through_staging_speed_and_the_at_scale_waves(tmp_path: Path) -> None:
     """benchmarks/gpu.py --dry-run: the GPU command's code path on the CPU (tiny model, built-in suite), so that no
-    GPU minute is spent on a typo: staging in pieces, reassembly with checksums, speed, the at-scale protocol seed by
-    seed (four methods in parallel per seed), its report, the summary."""
+    GPU minute is spent on a typo: staging in pieces, reassembly with checksums, the attention probe, speed, the
+    at-scale protocol seed by seed (four methods in parallel per seed), its report, the summary."""
     out, staging = tmp_path / "gpu", tmp_path / "staging"
     command = [sys.executable, str(ROOT / "benchmarks" / "gpu.py"), "--dry-run", "--out", str(out), "--staging",
                str(staging), "--work", str(tmp_path / "work")]  # fmt: skip
@@ -142,6 +142,11 @@ def test_gpu_benchmark_dry_run_goes_through_staging_speed_and_the_at_scale_waves
     assert done.stdout.strip().endswith(summary.strip().splitlines()[-1])  # the summary is printed last
     assert "train step OrchMoE/LoRA" in summary and "## families-gpu: 8 finished runs" in summary
     assert "| lora | 0, 1 |" in summary and "allocation distance from uniform (TV), 2 runs" in summary
+    assert "sdpa probe, non-finite gradients: none (8 cases)" in summary  # the CPU has no cuDNN
+    probe = json.loads((back / "sdpa-probe.json").read_text())
+    assert {(c["dtype"], c["width"], c["backends"]) for c in probe["cases"]} == {
+        (d, w, b) for d in ("bf16", "fp32") for w in (192, 256) for b in ("default", "no-cudnn")
+    }
     for method, lr in (("orchmoe", "0.001"), ("lora", "0.003"), ("poly", "0.003"), ("mhr", "0.001")):
         for seed in (0, 1):
             kept = back / "results" / "families-gpu" / f"{method}-lr{lr}-seed{seed}"
