@@ -16,8 +16,9 @@ its settings and log) to ``benchmarks/results/sni-full/<protocol>/<run>/in-progr
 later session, on a fresh checkout, resumes the run from that step; ``run`` restores it and deletes it once the run
 ends. The plan is the protocol's: each method's learning-rate grid at seed 0,
 each method's lr chosen on validation ROUGE-L, OrchMoE and LoRA at seeds 1 and 2 at their chosen lr, then the two
-pre-registered OrchMoE remedies at OrchMoE's chosen lr at seeds 0, 1 and 2. A run that needs a choice not yet made
-waits for the runs that make it.
+pre-registered OrchMoE remedies at OrchMoE's chosen lr, seed by seed (0, 1, 2); a remedy not above OrchMoE on
+validation at a seed can no longer win (the rule asks it at every seed), and its later seeds are dropped. A run that
+needs a choice not yet made waits for the runs that make it.
 
 ``run`` measures each OrchMoE run's routers as soon as it ends; ``measure`` (with the run directory's adapter:
 adapters are not kept with the results, so that the tree a device call carries stays small) writes ``routers.json``
@@ -122,12 +123,26 @@ def plan(protocol: str) -> tuple[list[Planned], list[str]]:
             continue
         runs += [Planned(slug(method, lr, s), method, method, lr, s) for s in SEEDS[1:]]
     lr = chosen_lr(protocol, "orchmoe")
-    for remedy, changes in REMEDIES.items():
-        if lr is None:
-            waiting.append(f"{remedy} seeds 0, 1, 2 (OrchMoE's lr not chosen yet)")
-            continue
-        runs += [Planned(slug(remedy, lr, s), remedy, "orchmoe", lr, s, tuple(changes.items())) for s in SEEDS]
+    if lr is None:
+        return runs, waiting + [f"{remedy} seeds 0, 1, 2 (OrchMoE's lr not chosen yet)" for remedy in REMEDIES]
+    for seed in SEEDS:  # seed by seed, so that a remedy that cannot win stops costing runs
+        for remedy, changes in REMEDIES.items():
+            lost = lost_at(protocol, remedy, lr, seed)
+            if lost is None:
+                runs.append(Planned(slug(remedy, lr, seed), remedy, "orchmoe", lr, seed, tuple(changes.items())))
+            elif seed == lost + 1:
+                waiting.append(f"{remedy} seeds {seed}+ dropped: not above OrchMoE on validation at seed {lost}")
     return runs, waiting
+
+
+def lost_at(protocol: str, remedy: str, lr: float, seed: int) -> int | None:
+    """The first seed before ``seed`` at which the remedy's validation R-L is not above OrchMoE's (both finished):
+    the pre-registered rule asks it to be above at every seed, so it can no longer win; None if there is none."""
+    for earlier in SEEDS[: SEEDS.index(seed)]:
+        ours, base = (validation_score(protocol, slug(v, lr, earlier)) for v in (remedy, "orchmoe"))
+        if ours is not None and base is not None and ours <= base:
+            return earlier
+    return None
 
 
 def config_of(protocol: str, data_dir: str, run: Planned, model: str) -> RunConfig:

@@ -207,3 +207,35 @@ def test_allocation_spread_tells_whether_abstract_tasks_get_different_skills(
     spread = router_measures.allocation_spread(tmp_path / "adapter")
     assert spread["between_tasks_tv_mean"] == pytest.approx(between, abs=1e-4)
     assert spread["effective_skills"] == pytest.approx(effective, abs=1e-3)
+
+
+@pytest.mark.parametrize(
+    ("remedy_val", "planned_after", "dropped"),
+    [
+        (
+            {0: 31.0, 1: 29.0},
+            {"orchmoe-alloc-lr0.003-seed1"},
+            "seeds 2+ dropped: not above OrchMoE on validation at seed 1",
+        ),
+        ({0: 30.0}, set(), "seeds 1+ dropped: not above OrchMoE on validation at seed 0"),  # a tie is not above
+        ({0: 31.0, 1: 31.0}, {"orchmoe-alloc-lr0.003-seed1", "orchmoe-alloc-lr0.003-seed2"}, None),  # still in it
+    ],
+)
+def test_a_remedy_that_cannot_win_on_validation_drops_its_later_seeds(
+    results: Path, remedy_val: dict[int, float], planned_after: set[str], dropped: str | None
+) -> None:
+    for method in ("orchmoe", "lora"):
+        finish(results, f"{method}-lr0.003-seed0", 30.0)
+        finish(results, f"{method}-lr0.001-seed0", 20.0)
+    for seed in (1, 2):
+        finish(results, f"orchmoe-lr0.003-seed{seed}", 30.0)
+    for seed, val in remedy_val.items():
+        finish(results, f"orchmoe-alloc-lr0.003-seed{seed}", val)
+    runs, waiting = at_scale.plan("families")
+    alloc = [r.name for r in runs if r.variant == "orchmoe-alloc"]
+    assert set(alloc) == {"orchmoe-alloc-lr0.003-seed0"} | planned_after
+    fade = [r.name for r in runs if r.variant == "orchmoe-alloc-fade"]
+    assert len(fade) == 3  # the other remedy, not yet run, keeps its three seeds
+    remedies = [r.name for r in runs if r.variant in at_scale.REMEDIES]
+    assert remedies[:2] == ["orchmoe-alloc-lr0.003-seed0", "orchmoe-alloc-fade-lr0.003-seed0"]  # seed by seed
+    assert [w for w in waiting if "dropped" in w] == ([f"orchmoe-alloc {dropped}"] if dropped else [])
