@@ -125,23 +125,24 @@ def plan(protocol: str) -> tuple[list[Planned], list[str]]:
     lr = chosen_lr(protocol, "orchmoe")
     if lr is None:
         return runs, waiting + [f"{remedy} seeds 0, 1, 2 (OrchMoE's lr not chosen yet)" for remedy in REMEDIES]
+    lost = {remedy: first_loss(protocol, remedy, lr) for remedy in REMEDIES}
     for seed in SEEDS:  # seed by seed, so that a remedy that cannot win stops costing runs
         for remedy, changes in REMEDIES.items():
-            lost = lost_at(protocol, remedy, lr, seed)
-            if lost is None:
+            if lost[remedy] is None or seed <= lost[remedy]:
                 runs.append(Planned(slug(remedy, lr, seed), remedy, "orchmoe", lr, seed, tuple(changes.items())))
-            elif seed == lost + 1:
-                waiting.append(f"{remedy} seeds {seed}+ dropped: not above OrchMoE on validation at seed {lost}")
+    for remedy, seed in lost.items():
+        if seed is not None and seed < SEEDS[-1]:
+            waiting.append(f"{remedy} seeds {seed + 1}+ dropped: not above OrchMoE on validation at seed {seed}")
     return runs, waiting
 
 
-def lost_at(protocol: str, remedy: str, lr: float, seed: int) -> int | None:
-    """The first seed before ``seed`` at which the remedy's validation R-L is not above OrchMoE's (both finished):
-    the pre-registered rule asks it to be above at every seed, so it can no longer win; None if there is none."""
-    for earlier in SEEDS[: SEEDS.index(seed)]:
-        ours, base = (validation_score(protocol, slug(v, lr, earlier)) for v in (remedy, "orchmoe"))
+def first_loss(protocol: str, remedy: str, lr: float) -> int | None:
+    """The first seed at which the remedy's validation R-L is not above OrchMoE's (both finished): the pre-registered
+    rule asks it to be above at every seed, so from there on it can no longer win; None if there is none yet."""
+    for seed in SEEDS:
+        ours, base = (validation_score(protocol, slug(v, lr, seed)) for v in (remedy, "orchmoe"))
         if ours is not None and base is not None and ours <= base:
-            return earlier
+            return seed
     return None
 
 
