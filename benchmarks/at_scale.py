@@ -319,6 +319,32 @@ def paired_lines(
     return lines
 
 
+def only(runs: list[Planned], names: list[str]) -> list[Planned]:
+    """The planned runs among ``names``, in the order given."""
+    planned = {r.name: r for r in runs}
+    return [planned[name] for name in names if name in planned]
+
+
+def next_run(protocol: str, names: list[str] | None) -> Planned | None:
+    """The first planned run not finished yet, planned afresh: each finished run may choose an lr or drop a remedy's
+    later seeds."""
+    runs = plan(protocol)[0]
+    return next((r for r in (only(runs, names) if names else runs) if not finished(protocol, r.name)), None)
+
+
+def run_all(protocol: str, data_dir: str, work: Path, model: str, names: list[str] | None, limit: int) -> None:
+    """Run what the plan holds, one run at a time, re-planning after each (``limit`` runs at most, 0: all)."""
+    done = 0
+    while (r := next_run(protocol, names)) is not None and not (limit and done >= limit):
+        target = execute(protocol, data_dir, r, work, model)
+        if not finished(protocol, r.name):
+            raise RuntimeError(f"{r.name} ran but its results are incomplete in {target}: expected {KEPT}")
+        print(f"finished {r.name} -> {target}", flush=True)
+        if r.method == "orchmoe":  # its routers now, not beside the next run's training
+            measure(protocol, work)
+        done += 1
+
+
 def main() -> None:
     global RESULTS  # --results: every function reads it when called
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -340,8 +366,7 @@ def main() -> None:
         CONFIGS[args.protocol] = args.config
     runs, waiting = plan(args.protocol)
     if args.only:  # in the order given
-        planned = {r.name: r for r in runs}
-        runs = [planned[name] for name in args.only if name in planned]
+        runs = only(runs, args.only)
     if args.command == "measure":
         measure(args.protocol, args.work)
         return
@@ -358,17 +383,7 @@ def main() -> None:
         for w in waiting:
             print(f"wait  {w}")
         return
-    done = 0
-    for r in runs:
-        if finished(args.protocol, r.name):
-            continue
-        target = execute(args.protocol, args.data_dir, r, args.work, args.model)
-        print(f"finished {r.name} -> {target}", flush=True)
-        if r.method == "orchmoe":  # its routers now, not beside the next run's training
-            measure(args.protocol, args.work)
-        done += 1
-        if args.limit and done >= args.limit:
-            break
+    run_all(args.protocol, args.data_dir, args.work, args.model, args.only, args.limit)
 
 
 if __name__ == "__main__":

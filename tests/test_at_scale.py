@@ -239,3 +239,39 @@ def test_a_remedy_that_cannot_win_on_validation_drops_its_later_seeds(
     remedies = [r.name for r in runs if r.variant in at_scale.REMEDIES]
     assert remedies[:2] == ["orchmoe-alloc-lr0.003-seed0", "orchmoe-alloc-fade-lr0.003-seed0"]  # seed by seed
     assert [w for w in waiting if "dropped" in w] == ([f"orchmoe-alloc {dropped}"] if dropped else [])
+
+
+def test_run_replans_after_each_run_so_a_dropped_seed_never_starts(
+    results: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for method in ("orchmoe", "lora"):
+        finish(results, f"{method}-lr0.003-seed0", 30.0)
+        finish(results, f"{method}-lr0.001-seed0", 20.0)
+        for seed in (1, 2):
+            finish(results, f"{method}-lr0.003-seed{seed}", 30.0)
+    for method in ("poly", "mhr"):
+        for lr in at_scale.GRID[method][:2]:
+            finish(results, at_scale.slug(method, lr, 0), 20.0)
+    executed: list[str] = []
+
+    def execute(protocol: str, data_dir: str, run: at_scale.Planned, work: Path, model: str) -> Path:
+        executed.append(run.name)
+        finish(results, run.name, 20.0 if run.variant == "orchmoe-alloc" else 40.0)  # alloc loses at seed 0
+        return results / protocol / run.name
+
+    monkeypatch.setattr(at_scale, "execute", execute)
+    monkeypatch.setattr(at_scale, "measure", lambda protocol, work: [])
+    at_scale.run_all("families", "unused", results, "unused", None, 0)
+    assert executed == [
+        "orchmoe-alloc-lr0.003-seed0",
+        "orchmoe-alloc-fade-lr0.003-seed0",
+        "orchmoe-alloc-fade-lr0.003-seed1",  # orchmoe-alloc's seeds 1 and 2 dropped as soon as its seed 0 lost
+        "orchmoe-alloc-fade-lr0.003-seed2",
+    ]
+    assert at_scale.next_run("families", None) is None
+
+
+def test_run_stops_when_a_run_leaves_incomplete_results(results: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(at_scale, "execute", lambda protocol, data_dir, run, work, model: results / run.name)
+    with pytest.raises(RuntimeError, match="results are incomplete"):
+        at_scale.run_all("families", "unused", results, "unused", None, 0)
