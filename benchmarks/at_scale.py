@@ -335,7 +335,7 @@ def next_run(protocol: str, names: list[str] | None) -> Planned | None:
 def run_all(protocol: str, data_dir: str, work: Path, model: str, names: list[str] | None, limit: int) -> None:
     """Run what the plan holds, one run at a time, re-planning after each (``limit`` runs at most, 0: all)."""
     done = 0
-    while (r := next_run(protocol, names)) is not None and not (limit and done >= limit):
+    while not (limit and done >= limit) and (r := next_run(protocol, names)) is not None:
         target = execute(protocol, data_dir, r, work, model)
         if not finished(protocol, r.name):
             raise RuntimeError(f"{r.name} ran but its results are incomplete in {target}: expected {KEPT}")

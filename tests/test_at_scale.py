@@ -241,8 +241,9 @@ def test_a_remedy_that_cannot_win_on_validation_drops_its_later_seeds(
     assert [w for w in waiting if "dropped" in w] == ([f"orchmoe-alloc {dropped}"] if dropped else [])
 
 
+@pytest.mark.parametrize("limit, runs", [(0, 4), (2, 2)])
 def test_run_replans_after_each_run_so_a_dropped_seed_never_starts(
-    results: Path, monkeypatch: pytest.MonkeyPatch
+    results: Path, monkeypatch: pytest.MonkeyPatch, limit: int, runs: int
 ) -> None:
     for method in ("orchmoe", "lora"):
         finish(results, f"{method}-lr0.003-seed0", 30.0)
@@ -261,14 +262,15 @@ def test_run_replans_after_each_run_so_a_dropped_seed_never_starts(
 
     monkeypatch.setattr(at_scale, "execute", execute)
     monkeypatch.setattr(at_scale, "measure", lambda protocol, work: [])
-    at_scale.run_all("families", "unused", results, "unused", None, 0)
-    assert executed == [
+    at_scale.run_all("families", "unused", results, "unused", None, limit)
+    every = [
         "orchmoe-alloc-lr0.003-seed0",
         "orchmoe-alloc-fade-lr0.003-seed0",
         "orchmoe-alloc-fade-lr0.003-seed1",  # orchmoe-alloc's seeds 1 and 2 dropped as soon as its seed 0 lost
         "orchmoe-alloc-fade-lr0.003-seed2",
     ]
-    assert at_scale.next_run("families", None) is None
+    assert executed == every[:runs]
+    assert (at_scale.next_run("families", None) is None) == (runs == len(every))
 
 
 def test_run_stops_when_a_run_leaves_incomplete_results(results: Path, monkeypatch: pytest.MonkeyPatch) -> None:
