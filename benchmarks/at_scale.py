@@ -364,9 +364,6 @@ def main() -> None:
         RESULTS = args.results
     if args.config:
         CONFIGS[args.protocol] = args.config
-    runs, waiting = plan(args.protocol)
-    if args.only:  # in the order given
-        runs = only(runs, args.only)
     if args.command == "measure":
         measure(args.protocol, args.work)
         return
@@ -378,7 +375,8 @@ def main() -> None:
             print(f"parked {target}")
         return
     if args.command == "plan":
-        for r in runs:
+        runs, waiting = plan(args.protocol)
+        for r in only(runs, args.only) if args.only else runs:  # in the order given
             print(f"{'done' if finished(args.protocol, r.name) else 'todo'}  {r.name}")
         for w in waiting:
             print(f"wait  {w}")

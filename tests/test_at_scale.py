@@ -209,6 +209,19 @@ def test_allocation_spread_tells_whether_abstract_tasks_get_different_skills(
     assert spread["effective_skills"] == pytest.approx(effective, abs=1e-3)
 
 
+def finish_all_but_remedies(results: Path) -> None:
+    """Every families run but the remedies', finished: each grid at seed 0 (OrchMoE and LoRA choose 3e-3, at
+    validation R-L 30), OrchMoE and LoRA at seeds 1 and 2 (30 each)."""
+    for method in ("orchmoe", "lora"):
+        finish(results, f"{method}-lr0.003-seed0", 30.0)
+        finish(results, f"{method}-lr0.001-seed0", 20.0)
+        for seed in (1, 2):
+            finish(results, f"{method}-lr0.003-seed{seed}", 30.0)
+    for method in ("poly", "mhr"):
+        for lr in at_scale.GRID[method][:2]:
+            finish(results, at_scale.slug(method, lr, 0), 20.0)
+
+
 @pytest.mark.parametrize(
     ("remedy_val", "planned_after", "dropped"),
     [
@@ -224,11 +237,7 @@ def test_allocation_spread_tells_whether_abstract_tasks_get_different_skills(
 def test_a_remedy_that_cannot_win_on_validation_drops_its_later_seeds(
     results: Path, remedy_val: dict[int, float], planned_after: set[str], dropped: str | None
 ) -> None:
-    for method in ("orchmoe", "lora"):
-        finish(results, f"{method}-lr0.003-seed0", 30.0)
-        finish(results, f"{method}-lr0.001-seed0", 20.0)
-    for seed in (1, 2):
-        finish(results, f"orchmoe-lr0.003-seed{seed}", 30.0)
+    finish_all_but_remedies(results)
     for seed, val in remedy_val.items():
         finish(results, f"orchmoe-alloc-lr0.003-seed{seed}", val)
     runs, waiting = at_scale.plan("families")
@@ -245,14 +254,7 @@ def test_a_remedy_that_cannot_win_on_validation_drops_its_later_seeds(
 def test_run_replans_after_each_run_so_a_dropped_seed_never_starts(
     results: Path, monkeypatch: pytest.MonkeyPatch, limit: int, runs: int
 ) -> None:
-    for method in ("orchmoe", "lora"):
-        finish(results, f"{method}-lr0.003-seed0", 30.0)
-        finish(results, f"{method}-lr0.001-seed0", 20.0)
-        for seed in (1, 2):
-            finish(results, f"{method}-lr0.003-seed{seed}", 30.0)
-    for method in ("poly", "mhr"):
-        for lr in at_scale.GRID[method][:2]:
-            finish(results, at_scale.slug(method, lr, 0), 20.0)
+    finish_all_but_remedies(results)
     executed: list[str] = []
 
     def execute(protocol: str, data_dir: str, run: at_scale.Planned, work: Path, model: str) -> Path:
