@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import random
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,12 +51,13 @@ CONFIGS = {
     "families": ROOT / "configs" / "sni-full-families.yaml",
     "sni-10": ROOT / "configs" / "sni-full-10.yaml",
     "families-gpu": ROOT / "configs" / "sni-full-families-gpu.yaml",
+    "sni-100": ROOT / "configs" / "sni-full-100.yaml",
 }
 KEPT = ("config.json", "data.json", "metrics.json", "val_metrics.json", "train_log.jsonl")
 ROUTERS = "routers.json"
 SETS = paired.SPLITS  # seen, held_out, unseen
 SCORES = tuple(paired.SCORES)  # rouge1, rougeL, rougeLsum, exact_match
-N_VAL = 16  # validation instances per training task (the protocol's)
+N_VAL = {"sni-100": 4}  # validation instances per training task (the protocol's; 16 unless named: 400 on sni-100)
 SEEDS = (0, 1, 2)
 # each method's learning-rate grid: its validated lr (sni-10, 40 steps) first, then a third of it (6x the steps here)
 GRID = {"orchmoe": (3e-3, 1e-3), "lora": (3e-3, 1e-3), "poly": (1e-2, 3e-3), "mhr": (3e-3, 1e-3)}
@@ -65,9 +67,25 @@ REMEDIES: dict[str, dict[str, Any]] = {
     "orchmoe-alloc-fade": {"allocation_lr": 0.1, "noise_scale_end": 0.0},  # and the Gumbel noise faded to 0
 }
 ORDER = ("orchmoe", "lora", "poly", "mhr")
+# the mixing allocation (issue 41, BENCHMARKS.md "sni-100 and the mixing allocation": pre-registered): its own lr
+# grid at seed 0 on families (OrchMoE's), then 3 seeds at the chosen lr on families and sni-100. Its mixing matrices
+# add 5.0 % to the adapters' parameters on Gemma 3 270M (over the 1 % the protocol allows without a control), so
+# LoRA at the rank that matches its total (17 against 16) runs beside it at LoRA's chosen lr, 3 seeds each.
+MIX = "orchmoe-mix"
+CONTROL = "lora-r17"
+VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
+    MIX: ("orchmoe", {"allocation": "mixing"}),
+    CONTROL: ("lora", {"n_skills": 17, "r": 1}),  # LoRA's rank is n_skills * r
+}
+GRID[MIX] = GRID["orchmoe"]
 # a protocol with its learning rates fixed in advance, no grid: families-gpu (benchmarks/gpu.py, 10x the families
 # protocol's steps; a device session holds minutes) takes the lrs the families protocol chose on validation
 FIXED_LRS: dict[str, dict[str, float]] = {"families-gpu": {"orchmoe": 1e-3, "lora": 3e-3, "poly": 3e-3, "mhr": 1e-3}}
+# a protocol that takes each method's lr from another protocol's validation, no grid of its own: sni-100 (the same
+# data source and step count as sni-10 at scale) takes sni-10's choices, and the mixing allocation's from families
+BORROWED: dict[str, dict[str, str]] = {"sni-100": {**{m: "sni-10" for m in ORDER}, MIX: "families"}}
+# train-split tasks a protocol never draws: sni-100 leaves out the 21 tasks of the families protocol
+EXCLUDED = {"sni-100": "families"}
 
 
 @dataclass(frozen=True)
@@ -103,6 +121,10 @@ def chosen_lr(protocol: str, method: str) -> float | None:
     """The grid value with the best validation ROUGE-L at seed 0 (ties: the lower lr); None until all are done."""
     if protocol in FIXED_LRS:
         return FIXED_LRS[protocol][method]
+    if method == CONTROL:  # the control runs at LoRA's lr
+        return chosen_lr(protocol, "lora")
+    if protocol in BORROWED:
+        return chosen_lr(BORROWED[protocol][method], method)
     scores = {lr: validation_score(protocol, slug(method, lr, 0)) for lr in GRID[method]}
     if any(s is None for s in scores.values()):
         return None
@@ -114,6 +136,48 @@ def plan(protocol: str) -> tuple[list[Planned], list[str]]:
     if protocol in FIXED_LRS:  # seed by seed, every method at each seed: what a device session finishes is paired
         lrs = FIXED_LRS[protocol]
         return [Planned(slug(m, lrs[m], s), m, m, lrs[m], s) for s in SEEDS for m in ORDER], []
+    if protocol in BORROWED:
+        return borrowed_plan(protocol)
+    runs, waiting = grid_plan(protocol)
+    if protocol in MIXED:
+        more, wait = mix_plan(protocol)
+        runs, waiting = runs + more, waiting + wait
+    return runs, waiting
+
+
+MIXED = ("families", "sni-100")  # the protocols the mixing allocation and its control run on
+
+
+def variant_run(variant: str, lr: float, seed: int) -> Planned:
+    method, changes = VARIANTS.get(variant, (variant, {}))
+    return Planned(slug(variant, lr, seed), variant, method, lr, seed, tuple(changes.items()))
+
+
+def mix_plan(protocol: str) -> tuple[list[Planned], list[str]]:
+    """The mixing allocation (its lr grid at seed 0 first where the protocol has grids), then seed by seed the mixing
+    allocation and LoRA at the matching rank."""
+    runs = [variant_run(MIX, lr, 0) for lr in GRID[MIX]] if protocol not in BORROWED else []
+    waiting = []
+    lrs = {v: chosen_lr(protocol, v) for v in (MIX, CONTROL)}
+    for variant, lr in lrs.items():
+        if lr is None:
+            waiting.append(f"{variant} seeds 0, 1, 2 (lr not chosen yet)")
+    for seed in SEEDS:
+        runs += [variant_run(v, lr, seed) for v, lr in lrs.items() if lr is not None]
+    return list(dict.fromkeys(runs)), waiting  # the grid's seed-0 run at the chosen lr once
+
+
+def borrowed_plan(protocol: str) -> tuple[list[Planned], list[str]]:
+    """Seed by seed at the borrowed lrs: the four methods at seed 0, OrchMoE and LoRA at every seed, then the
+    mixing allocation and its control."""
+    lrs = {m: chosen_lr(protocol, m) for m in ORDER}
+    runs = [variant_run(m, lrs[m], s) for s in SEEDS for m in ORDER if s == 0 or m in ("orchmoe", "lora")]
+    more, waiting = mix_plan(protocol)
+    return runs + more, waiting
+
+
+def grid_plan(protocol: str) -> tuple[list[Planned], list[str]]:
+    """Each method's lr grid at seed 0, OrchMoE and LoRA at the other seeds once chosen, then the remedies."""
     runs = [Planned(slug(m, GRID[m][i], 0), m, m, GRID[m][i], 0) for i in range(2) for m in ORDER]
     waiting = []
     for method in ("orchmoe", "lora"):
@@ -148,8 +212,26 @@ def first_loss(protocol: str, remedy: str, lr: float) -> int | None:
 
 def config_of(protocol: str, data_dir: str, run: Planned, model: str) -> RunConfig:
     options = read_config_file(CONFIGS[protocol])
+    if protocol in EXCLUDED:  # the draw, named in the run's config.json
+        options["tasks"] = drawn_tasks(data_dir, options["n_tasks"], run.seed, excluded_tasks(EXCLUDED[protocol]))
     base = RunConfig(data_dir=data_dir, model=model, **options)
     return dataclasses.replace(base, method=run.method, lr=run.lr, seed=run.seed, **dict(run.changes))
+
+
+def excluded_tasks(protocol: str) -> set[str]:
+    """Every task a protocol names: its training tasks and its held-out ones."""
+    options = read_config_file(CONFIGS[protocol])
+    return set(options.get("tasks") or []) | set(options.get("held_out_tasks") or [])
+
+
+def drawn_tasks(data_dir: str, n_tasks: int, seed: int, excluded: set[str]) -> list[str]:
+    """``n_tasks`` train-split tasks drawn by the seed from those with a task file, leaving out ``excluded``: the
+    draw `orchmoe.data.select` makes over a smaller pool."""
+    from orchmoe.data.sni import read_split
+
+    present = {p.stem for p in (Path(data_dir) / "tasks").glob("*.json")}
+    pool = sorted(n for n in read_split(data_dir)[0] if n in present and n not in excluded)
+    return random.Random(seed).sample(pool, n_tasks)
 
 
 PARKED = ("config.json", "data.json", "train_log.jsonl")
@@ -197,7 +279,7 @@ def execute(protocol: str, data_dir: str, run: Planned, work: Path, model: str) 
     if not (out / METRICS).is_file():
         evaluate_run(out, progress=False)
     if not (out / VAL_METRICS).is_file():
-        validate_run(out, N_VAL, progress=False)
+        validate_run(out, N_VAL.get(protocol, 16), progress=False)
     target = RESULTS / protocol / run.name
     target.mkdir(parents=True, exist_ok=True)
     for name in KEPT:

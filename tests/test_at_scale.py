@@ -45,8 +45,8 @@ def names(protocol: str = "families") -> list[str]:
 def test_plan_runs_the_grid_first_then_waits_for_the_choice(results: Path) -> None:
     runs, waiting = at_scale.plan("families")
     assert names()[:4] == ["orchmoe-lr0.003-seed0", "lora-lr0.003-seed0", "poly-lr0.01-seed0", "mhr-lr0.003-seed0"]
-    assert len(runs) == 8 and all(r.seed == 0 for r in runs)
-    assert len(waiting) == 4  # OrchMoE and LoRA seeds, two remedies
+    assert len(runs) == 10 and all(r.seed == 0 for r in runs)  # 4 methods' grids, the mixing allocation's
+    assert len(waiting) == 6  # OrchMoE and LoRA seeds, two remedies, the mixing allocation and its control
 
 
 @pytest.mark.parametrize(("low", "high", "chosen"), [(30.0, 31.0, 3e-3), (31.0, 30.0, 1e-3), (30.0, 30.0, 1e-3)])
@@ -68,7 +68,9 @@ SNI_FULL = ROOT.parent / "shared" / "sni-full"
 
 
 @pytest.mark.skipif(not SNI_FULL.is_dir(), reason="../shared/sni-full is not on this machine")
-@pytest.mark.parametrize(("protocol", "least"), [("families", 250), ("sni-10", 250), ("families-gpu", 2560)])
+@pytest.mark.parametrize(
+    ("protocol", "least"), [("families", 250), ("sni-10", 250), ("families-gpu", 2560), ("sni-100", 250)]
+)
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_every_seed_trains_the_protocols_steps_on_the_real_data(protocol: str, least: int, seed: int) -> None:
     """The CPU protocols ask >= 250 optimizer steps per run, the GPU's 10x the families protocol's 256: each seed
@@ -77,6 +79,51 @@ def test_every_seed_trains_the_protocols_steps_on_the_real_data(protocol: str, l
     run = at_scale.Planned(at_scale.slug("lora", 1e-3, seed), "lora", "lora", 1e-3, seed, ())
     cfg = at_scale.config_of(protocol, str(SNI_FULL), run, "tiny-gemma3")
     assert total_steps(cfg, len(make_selection(cfg).train)) >= least
+
+
+@pytest.mark.skipif(not SNI_FULL.is_dir(), reason="../shared/sni-full is not on this machine")
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_sni_100_draws_100_tasks_outside_the_families_and_sni_10s_unseen_tasks(seed: int) -> None:
+    run = at_scale.variant_run("orchmoe", 3e-3, seed)
+    cfg = at_scale.config_of("sni-100", str(SNI_FULL), run, "tiny-gemma3")
+    sni_10 = at_scale.config_of("sni-10", str(SNI_FULL), run, "tiny-gemma3")
+    assert len(set(cfg.tasks)) == 100 and not set(cfg.tasks) & at_scale.excluded_tasks("families")
+    selection, other = make_selection(cfg, n_val=at_scale.N_VAL["sni-100"]), make_selection(sni_10)
+    assert selection.unseen_tasks == other.unseen_tasks and len(selection.unseen) == 6 * 50
+    assert len(selection.test) == 100 * 20 and len(selection.val) == 100 * 4
+    assert cfg == at_scale.config_of("sni-100", str(SNI_FULL), run, "tiny-gemma3")  # the same draw every time
+
+
+def test_sni_100_borrows_sni_10s_learning_rates_and_plans_seed_by_seed() -> None:
+    """No grid of its own: each method at the lr sni-10 at scale chose (read from its committed runs); OrchMoE and
+    LoRA at 3 seeds, Poly and MHR at 1; the mixing allocation waits for the families protocol's choice."""
+    assert {m: at_scale.chosen_lr("sni-100", m) for m in at_scale.ORDER} == {
+        "orchmoe": 3e-3, "lora": 3e-3, "poly": 1e-2, "mhr": 3e-3}  # fmt: skip
+    runs, waiting = at_scale.plan("sni-100")
+    base = [r.name for r in runs if r.variant in at_scale.ORDER]
+    assert base == ["orchmoe-lr0.003-seed0", "lora-lr0.003-seed0", "poly-lr0.01-seed0", "mhr-lr0.003-seed0",
+                    "orchmoe-lr0.003-seed1", "lora-lr0.003-seed1", "orchmoe-lr0.003-seed2", "lora-lr0.003-seed2"]  # fmt: skip
+    control = [r for r in runs if r.variant == at_scale.CONTROL]
+    assert [r.seed for r in control] == [0, 1, 2] and all(r.lr == 3e-3 for r in control)
+    if at_scale.chosen_lr("families", at_scale.MIX) is None:
+        assert waiting == ["orchmoe-mix seeds 0, 1, 2 (lr not chosen yet)"]
+
+
+def test_the_mixing_allocation_chooses_its_lr_on_families_and_sni_100_follows(results: Path) -> None:
+    finish(results, "orchmoe-mix-lr0.003-seed0", 30.0)
+    finish(results, "orchmoe-mix-lr0.001-seed0", 31.0)
+    finish(results, "lora-lr0.003-seed0", 31.0)
+    finish(results, "lora-lr0.001-seed0", 30.0)
+    assert at_scale.chosen_lr("families", at_scale.MIX) == 1e-3
+    families = [r.name for r in at_scale.plan("families")[0] if r.variant in (at_scale.MIX, at_scale.CONTROL)]
+    assert families == ["orchmoe-mix-lr0.003-seed0", "orchmoe-mix-lr0.001-seed0", "lora-r17-lr0.003-seed0",
+                        "orchmoe-mix-lr0.001-seed1", "lora-r17-lr0.003-seed1",
+                        "orchmoe-mix-lr0.001-seed2", "lora-r17-lr0.003-seed2"]  # fmt: skip
+    mix = next(r for r in at_scale.plan("families")[0] if r.name == "orchmoe-mix-lr0.001-seed1")
+    cfg = at_scale.config_of("families", "data", mix, "tiny-gemma3")
+    assert cfg.method == "orchmoe" and cfg.allocation == "mixing" and cfg.lr == 1e-3 and cfg.seed == 1
+    control = next(r for r in at_scale.plan("families")[0] if r.variant == at_scale.CONTROL)
+    assert (at_scale.config_of("families", "data", control, "tiny-gemma3").n_skills, control.method) == (17, "lora")
 
 
 def test_the_gpu_protocol_plans_every_method_seed_by_seed_at_the_families_choice() -> None:
@@ -211,7 +258,7 @@ def test_allocation_spread_tells_whether_abstract_tasks_get_different_skills(
 
 def finish_all_but_remedies(results: Path) -> None:
     """Every families run but the remedies', finished: each grid at seed 0 (OrchMoE and LoRA choose 3e-3, at
-    validation R-L 30), OrchMoE and LoRA at seeds 1 and 2 (30 each)."""
+    validation R-L 30), OrchMoE and LoRA at seeds 1 and 2 (30 each), the mixing allocation and its control."""
     for method in ("orchmoe", "lora"):
         finish(results, f"{method}-lr0.003-seed0", 30.0)
         finish(results, f"{method}-lr0.001-seed0", 20.0)
@@ -220,6 +267,11 @@ def finish_all_but_remedies(results: Path) -> None:
     for method in ("poly", "mhr"):
         for lr in at_scale.GRID[method][:2]:
             finish(results, at_scale.slug(method, lr, 0), 20.0)
+    for run in at_scale.mix_plan("families")[0]:  # the mixing allocation and its control: chosen, then every seed
+        finish(results, run.name, 20.0)
+    for run in at_scale.mix_plan("families")[0]:
+        if not at_scale.finished("families", run.name):
+            finish(results, run.name, 20.0)
 
 
 @pytest.mark.parametrize(

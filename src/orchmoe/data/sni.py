@@ -162,6 +162,7 @@ def select(
     n_val: int = 0,
     n_extra: int = 0,
     held_out: list[str] | None = None,
+    n_test_unseen: int | None = None,
 ) -> Selection:
     """Seeded choice of ``n_tasks`` training tasks (or the named ``tasks``) and ``n_unseen`` unseen test tasks.
 
@@ -175,8 +176,11 @@ def select(
 
     ``held_out`` names tasks of the training split that are never trained on and tested like unseen ones (their first
     ``n_test`` instances): with ``tasks`` naming the other members of their families, they measure transfer to an
-    unseen task of a seen family, apart from the split's test tasks (unseen families).
+    unseen task of a seen family, apart from the split's test tasks (unseen families). ``n_test_unseen`` (default
+    ``n_test``) is the test count of held-out and unseen tasks: many trained tasks with a few test instances each,
+    a few unseen tasks with more.
     """
+    n_test_unseen = n_test if n_test_unseen is None else n_test_unseen
     data_dir = Path(data_dir)
     train_names, test_names = read_split(data_dir, split)
     present = {p.stem for p in (data_dir / "tasks").glob("*.json")}
@@ -227,9 +231,9 @@ def select(
         selection.extra_test += to_examples(task, kept[n_val : n_val + n_extra], k_shot)
     for name in held_out:
         task = read_task(data_dir / "tasks" / f"{name}.json")
-        selection.held_out += to_examples(task, task.instances[:n_test], k_shot)
+        selection.held_out += to_examples(task, task.instances[:n_test_unseen], k_shot)
     for name in unseen:
         task = read_task(data_dir / "tasks" / f"{name}.json")
-        selection.unseen += to_examples(task, task.instances[:n_test], k_shot)
-        selection.extra_unseen += to_examples(task, task.instances[n_test : n_test + n_extra], k_shot)
+        selection.unseen += to_examples(task, task.instances[:n_test_unseen], k_shot)
+        selection.extra_unseen += to_examples(task, task.instances[n_test_unseen : n_test_unseen + n_extra], k_shot)
     return selection

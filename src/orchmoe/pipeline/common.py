@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,21 @@ class RunDirError(RuntimeError):
 
 class TrainingDiverged(RuntimeError):
     """The loss stayed non-finite for ``nan_patience`` steps."""
+
+
+STACK = ("torch", "transformers", "peft", "trl", "accelerate")
+
+
+def stack_versions() -> dict[str, str]:
+    """The versions of the stack a result was produced with (recorded beside every result; "absent" when a package
+    is not installed)."""
+    found = {}
+    for name in STACK:
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            found[name] = "absent"
+    return found
 
 
 def resolve_data_dir(cfg: RunConfig, out: Path) -> RunConfig:
@@ -49,6 +65,7 @@ def make_selection(cfg: RunConfig, n_val: int = 0, n_extra: int = 0) -> Selectio
         n_tasks=cfg.n_tasks,
         n_train=cfg.n_train,
         n_test=cfg.n_test,
+        n_test_unseen=cfg.n_test_unseen,
         seed=cfg.seed,
         n_unseen=cfg.n_unseen,
         split=cfg.split,

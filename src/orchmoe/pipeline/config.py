@@ -39,6 +39,9 @@ class RunConfig:
     )
     n_train: int = field(default=48, metadata={"help": "Training instances per task."})
     n_test: int = field(default=10, metadata={"help": "Test instances per task (its first ones)."})
+    n_test_unseen: int | None = field(
+        default=None, metadata={"help": "Test instances per unseen or held-out task; None = n_test."}
+    )
     k_shot: int = field(default=0, metadata={"help": "Positive examples in the prompt."})
     suite_instances: int = field(default=120, metadata={"help": "Instances per task of the built-in suite."})
     max_input_tokens: int = field(default=256, metadata={"help": "Prompt tokens kept (longer prompts truncated)."})
@@ -84,6 +87,10 @@ class RunConfig:
             "help": "OrchMoE: anneal the Gumbel noise scale linearly from 1 to this value (0: no noise at the end)."
         },
     )
+    allocation: str = field(
+        default="diagonal",
+        metadata={"help": "OrchMoE task-skill allocation: diagonal (the paper's) or mixing (a matrix per abstract task)."},
+    )
     router_mi_weight: float = field(default=0.1, metadata={"help": "OrchMoE router MI weight lambda."})
     uniform_task_router: bool = field(default=False, metadata={"help": "Ablation: fixed uniform task weights."})
     uniform_skill_router: bool = field(default=False, metadata={"help": "Ablation: fixed uniform allocation."})
@@ -103,8 +110,12 @@ class RunConfig:
         for name in ("n_train", "n_test", "batch_size", "grad_accum", "eval_batch_size", "n_skills", "r"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}.")
+        if self.n_test_unseen is not None and self.n_test_unseen < 1:
+            raise ValueError(f"--n-test-unseen must be >= 1 (or unset), got {self.n_test_unseen}.")
         if self.batch_size % self.grad_accum:
             raise ValueError(f"--batch-size {self.batch_size} must be a multiple of --grad-accum {self.grad_accum}.")
+        if self.allocation not in ("diagonal", "mixing"):
+            raise ValueError(f"--allocation must be diagonal or mixing, got {self.allocation!r}.")
         if self.schedule not in ("linear", "constant"):
             raise ValueError(f"--schedule must be linear or constant, got {self.schedule!r}.")
         if self.lr is not None and self.lr <= 0:

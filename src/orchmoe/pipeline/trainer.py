@@ -42,6 +42,7 @@ from .common import (
     make_selection,
     prepare_run_dir,
     resolve_data_dir,
+    stack_versions,
     write_json,
 )
 from .config import RunConfig
@@ -220,7 +221,13 @@ def setup(cfg: RunConfig, out: Path, resume: bool, overwrite: bool) -> Run:
             "truncation": truncation.as_dict(),
             "parameters": count_parameters(method, model).__dict__,
             "learning_rate": learning_rate(cfg),
+            "versions": stack_versions(),
         }
+        if resume and (out / "data.json").is_file():  # a run resumed on another stack says on which it started
+            before = json.loads((out / "data.json").read_text())
+            first = before.get("versions_at_start", before.get("versions"))
+            if first and first != summary["versions"]:
+                summary["versions_at_start"] = first
         write_json(out / "data.json", summary)
     return Run(cfg, out, method, accelerator, loaded, selection, encoded, model, optimizer,
                scheduler, steps)  # fmt: skip
