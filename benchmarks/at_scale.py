@@ -120,7 +120,7 @@ def validation_score(protocol: str, name: str) -> float | None:
 def chosen_lr(protocol: str, method: str) -> float | None:
     """The grid value with the best validation ROUGE-L at seed 0 (ties: the lower lr); None until all are done."""
     if protocol in FIXED_LRS:
-        return FIXED_LRS[protocol][method]
+        return FIXED_LRS[protocol].get(method)
     if method == CONTROL:  # the control runs at LoRA's lr
         return chosen_lr(protocol, "lora")
     if protocol in BORROWED:
@@ -333,24 +333,32 @@ def report(protocol: str) -> str:
         + ", ".join(f"{m} {lr:g}" if lr else f"{m} (grid unfinished)" for m, lr in chosen.items()),
         "",
     ]
-    lines += standing_lines(scores, chosen) + paired_lines(scores, val, chosen)
+    lines += standing_lines(scores, chosen) + paired_lines(scores, val, chosen, protocol)
     measured = [f for f in folders if (f / ROUTERS).is_file()]
     if measured:
         if lines[-1]:  # one blank line before the table
             lines.append("")
-        lines += ["| run | TV first -> last | TV between abstract tasks (mean / max) | effective skills | Z grad / "
-                  "skills grad (median) | NMI task / family (seen, held-out, unseen) | hard - soft R-L (seen, "
-                  "held-out, unseen) |", "|---|---|---|---|---|---|---|"]  # fmt: skip
-        for folder in measured:
-            r = json.loads((folder / ROUTERS).read_text())
-            nmi = ", ".join(f"{r['nmi'][s]['task']:.2f} / {r['nmi'][s]['family']:.2f}" for s in SETS if s in r["nmi"])
-            hard = ", ".join(f"{r['hard'][s]['rougeL'] - r['soft'][s]['rougeL']:+.2f}" for s in SETS if s in r["hard"])
-            spread = r.get("allocation_spread", {})
-            between = (f"{spread['between_tasks_tv_mean']:.3f} / {spread['between_tasks_tv_max']:.3f} | "
-                       f"{spread['effective_skills']:.2f}") if spread else "- | -"  # fmt: skip
-            lines.append(f"| {folder.name} | {r['allocation_tv_first']:.4f} -> {r['allocation_tv_last']:.4f} | "
-                         f"{between} | {r['grad_ratio_median']:.4f} | {nmi} | {hard} |")  # fmt: skip
+        lines += ["| run | allocation from start, first -> last | adapters apart (mean / max) | TV between abstract "
+                  "tasks (mean / max) | effective skills | allocation grad / skills grad (median) | NMI task / family "
+                  "(seen, held-out, unseen) | hard - soft R-L (seen, held-out, unseen) |",
+                  "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+        lines += [router_row(folder.name, json.loads((folder / ROUTERS).read_text())) for folder in measured]
     return "\n".join(lines)
+
+
+def router_row(name: str, r: dict[str, Any]) -> str:
+    """One run's router measures: its allocation's distance from the start (the diagonal's TV from uniform, the mixing
+    matrices' distance from I), how far apart the abstract tasks' adapters end, the skill mixes, NMI, hard routing."""
+    key = next((k for k in router_measures.DISTANCES if r.get(f"{k}_first") is not None), None)
+    moved = f"{key.split('_')[0]} {r[f'{key}_first']:.4f} -> {r[f'{key}_last']:.4f}" if key else "-"
+    nmi = ", ".join(f"{r['nmi'][s]['task']:.2f} / {r['nmi'][s]['family']:.2f}" for s in SETS if s in r["nmi"])
+    hard = ", ".join(f"{r['hard'][s]['rougeL'] - r['soft'][s]['rougeL']:+.2f}" for s in SETS if s in r["hard"])
+    apart = r.get("adapter_spread")
+    apart_cell = f"{apart['between_tasks_mean']:.3f} / {apart['between_tasks_max']:.3f}" if apart else "-"
+    spread = r.get("allocation_spread", {})
+    between = (f"{spread['between_tasks_tv_mean']:.3f} / {spread['between_tasks_tv_max']:.3f} | "
+               f"{spread['effective_skills']:.2f}") if spread else "- | -"  # fmt: skip
+    return f"| {name} | {moved} | {apart_cell} | {between} | {r['grad_ratio_median']:.4f} | {nmi} | {hard} |"
 
 
 def seed_pairs(
@@ -380,19 +388,24 @@ def standing_lines(scores: dict[str, dict[str, Any]], chosen: dict[str, float | 
 
 
 def paired_lines(
-    scores: dict[str, dict[str, Any]], val: dict[str, float], chosen: dict[str, float | None]
+    scores: dict[str, dict[str, Any]], val: dict[str, float], chosen: dict[str, float | None], protocol: str
 ) -> list[str]:
-    """OrchMoE and each remedy against LoRA, paired by seed at the chosen lrs (`paired.py`'s table), and each
-    remedy's validation R-L against OrchMoE's per seed: the pre-registered rule (above it at every seed wins)."""
+    """OrchMoE, each remedy, the mixing allocation and its control against LoRA, paired by seed at the chosen lrs
+    (`paired.py`'s table), and each remedy's and the mixing allocation's validation R-L against OrchMoE's per seed:
+    the pre-registered rules (above it at every seed; for the mixing allocation, on both of its protocols)."""
     lr, lora_lr, lines = chosen["orchmoe"], chosen["lora"], []
     if lr is None:
         return lines
-    for variant in ("orchmoe", *REMEDIES):
-        a, b = seed_pairs(scores, (variant, lr), ("lora", lora_lr)) if lora_lr else ({}, {})
+    variants = {"orchmoe": lr, **dict.fromkeys(REMEDIES, lr), MIX: chosen_lr(protocol, MIX), CONTROL: lora_lr}
+    for variant, own_lr in variants.items():
+        if own_lr is None:
+            continue
+        a, b = seed_pairs(scores, (variant, own_lr), ("lora", lora_lr)) if lora_lr else ({}, {})
         if a:
             lines += [f"{variant} (A) minus LoRA (B), test:", "", *paired.difference_table(a, b), ""]
-        runs = {s: slug(variant, lr, s) for s in SEEDS if slug(variant, lr, s) in scores}
-        base = {s: slug("orchmoe", lr, s) for s in runs if variant in REMEDIES and slug("orchmoe", lr, s) in scores}
+        runs = {s: slug(variant, own_lr, s) for s in SEEDS if slug(variant, own_lr, s) in scores}
+        ruled = variant in REMEDIES or variant == MIX
+        base = {s: slug("orchmoe", lr, s) for s in runs if ruled and slug("orchmoe", lr, s) in scores}
         if base:
             diffs = [val[runs[s]] - val[base[s]] for s in base]
             lines += [f"{variant} minus OrchMoE, validation R-L at seeds {list(base)}: "

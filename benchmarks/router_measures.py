@@ -15,18 +15,59 @@ def family(task: str) -> str:
     return task.split("_")[1] if "_" in task else task
 
 
+DISTANCES = ("allocation_tv", "mixing_distance")  # each allocation's log key (orchmoe.tuner.router)
+
+
 def log_measures(log: list[dict[str, Any]]) -> dict[str, Any]:
-    """The allocation over training and Z's gradient against the skills', from the training log's entries."""
-    keys = ("step", "allocation_tv", "grad_norm_allocation", "grad_norm_adapter", "abstract_tasks_used")
-    series = [{k: e[k] for k in keys if k in e} for e in log if "allocation_tv" in e]
+    """The allocation over training and its gradient against the skills', from the training log's entries: the
+    diagonal allocation's TV from uniform (``allocation_tv_first`` / ``_last``), or the mixing allocation's distance
+    from the identity (``mixing_distance_first`` / ``_last``)."""
+    key = next((k for k in DISTANCES if any(k in e for e in log)), DISTANCES[0])
+    keys = ("step", key, "grad_norm_allocation", "grad_norm_adapter", "abstract_tasks_used")
+    series = [{k: e[k] for k in keys if k in e} for e in log if key in e]
     ratios = [e["grad_norm_allocation"] / e["grad_norm_adapter"] for e in series
               if e.get("grad_norm_adapter")]  # fmt: skip
     return {
-        "allocation_tv_first": series[0]["allocation_tv"] if series else None,
-        "allocation_tv_last": series[-1]["allocation_tv"] if series else None,
+        f"{key}_first": series[0][key] if series else None,
+        f"{key}_last": series[-1][key] if series else None,
         "grad_ratio_median": sorted(ratios)[len(ratios) // 2] if ratios else None,
         "series": series,
     }
+
+
+def low_rank_norm(d: Any, gram_a: Any, gram_b: Any) -> float:
+    """||B D A||_F from D (k, k) and the Gram matrices A A^T, B^T B (k, k)."""
+    return float((d @ gram_a @ d.T @ gram_b).trace().clamp(min=0).sqrt())
+
+
+def adapter_spread(model: Any) -> dict[str, float]:
+    """How far apart the abstract tasks' adapters end: for each module, abstract task t's update is B op_t A (op_t:
+    its operator under one-hot routing, diag(repeat(S z_t, r)) or M_t), and for every pair (t, u)
+
+        ||B (op_t - op_u) A||_F / ((||B op_t A||_F + ||B op_u A||_F) / 2)
+
+    averaged over pairs and modules (and its maximum); 0 when every abstract task gets the same adapter. Computed in
+    the rank-S*r space: ||B D A||_F^2 = trace(D (A A^T) D^T (B^T B)), never forming an (out, in) matrix."""
+    import torch
+
+    from orchmoe.tuner.access import get_tuner
+
+    tuner = get_tuner(model)
+    adapter, n_tasks = tuner._adapter, tuner.peft_config[tuner._adapter].n_abstract_tasks
+    ops = [tuner.skill_weights(torch.eye(n_tasks)[t : t + 1], stochastic=False) for t in range(n_tasks)]
+    ratios = []
+    with torch.no_grad():
+        for name, layer in tuner.orchmoe_layers(adapter):
+            a, b = layer.orchmoe_A[adapter].double(), layer.orchmoe_B[adapter].double()
+            gram_a, gram_b = a @ a.T, b.T @ b  # (S*r, S*r) each
+            allocation, eye = layer.orchmoe_skill_router[adapter], torch.eye(a.shape[0], dtype=a.dtype)
+            dense = [allocation.apply(eye[None], layer.layer_weights(adapter, op[name]).double())[0].T for op in ops]
+            sizes = [low_rank_norm(d, gram_a, gram_b) for d in dense]
+            for t in range(n_tasks):
+                for u in range(t + 1, n_tasks):
+                    mean = (sizes[t] + sizes[u]) / 2
+                    ratios.append(low_rank_norm(dense[t] - dense[u], gram_a, gram_b) / mean if mean > 0 else 0.0)
+    return {"between_tasks_mean": sum(ratios) / len(ratios), "between_tasks_max": max(ratios)}
 
 
 def allocation_spread(adapter_dir: Path) -> dict[str, float]:
@@ -64,8 +105,10 @@ def of_run(folder: Path, source: Path) -> dict[str, Any]:
     selection = make_selection(cfg)
     soft = json.loads((folder / "metrics.json").read_text())
     log = [json.loads(line) for line in (folder / "train_log.jsonl").read_text().splitlines() if line.strip()]
-    result: dict[str, Any] = {**log_measures(log), "allocation_spread": allocation_spread(source / "adapter"),
+    result: dict[str, Any] = {**log_measures(log), "adapter_spread": adapter_spread(model),
                               "nmi": {}, "hard": {}, "soft": {}}  # fmt: skip
+    if cfg.allocation == "diagonal":  # the skill mixes themselves (the mixing allocation has none)
+        result["allocation_spread"] = allocation_spread(source / "adapter")
     sets = {"seen": selection.test, "held_out": selection.held_out, "unseen": selection.unseen}
     for name, examples in sets.items():
         if not examples:

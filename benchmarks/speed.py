@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import statistics
 import time
@@ -29,10 +30,12 @@ import torch
 import torch.nn.functional as F
 
 from orchmoe.models import load_model
+from orchmoe.pipeline.common import stack_versions
 from orchmoe.pipeline.config import RunConfig
 from orchmoe.pipeline.methods import build, count_parameters, method_of
 
-METHODS = ("base", "lora", "orchmoe", "poly", "mhr")
+METHODS = ("base", "lora", "orchmoe", "orchmoe-mix", "poly", "mhr")
+VARIANTS = {"orchmoe-mix": ("orchmoe", {"allocation": "mixing"})}  # a method with other settings: (method, changes)
 
 
 def sync(device: torch.device) -> None:
@@ -58,7 +61,7 @@ def make_batch(vocab: int, batch: int, prompt: int, target: int, device: torch.d
 
 def extra_inputs(method: str, batch: dict[str, torch.Tensor], prompt_only: bool = False) -> dict[str, torch.Tensor]:
     n = batch["input_ids"].shape[0]
-    if method == "orchmoe" and not prompt_only:
+    if method.startswith("orchmoe") and not prompt_only:
         return {"routing_mask": batch["routing_mask"]}
     if method in ("poly", "mhr"):
         return {"task_ids": torch.arange(n, device=batch["input_ids"].device) % 10}
@@ -147,8 +150,9 @@ def build_all(model_name: str, cfg: RunConfig, methods: tuple[str, ...], device:
     for method in methods:
         model = copy.deepcopy(base).requires_grad_(False)  # the base stays frozen; adapters bring their own params
         if method != "base":
-            model = build(method, model, cfg, n_train_tasks=10)
-            params[method] = count_parameters(method_of(method), model).__dict__
+            name, changes = VARIANTS.get(method, (method, {}))
+            model = build(name, model, dataclasses.replace(cfg, **changes), n_train_tasks=10)
+            params[method] = count_parameters(method_of(name), model).__dict__
         benches[method] = Bench(method, model, batch, target)
     return benches, params, base
 
@@ -204,7 +208,8 @@ def main() -> None:
         return
     benches, params, _ = build_all(args.model, cfg, METHODS, device, batch, args.target, args.random_weights, dtype)
 
-    report: dict = {"model": args.model, "device": str(device), "threads": torch.get_num_threads()}
+    report: dict = {"model": args.model, "device": str(device), "threads": torch.get_num_threads(),
+                    "versions": stack_versions()}  # fmt: skip
     report.update(batch=args.batch, prompt=args.prompt, target=args.target, parameters=params, dtype=args.dtype)
     report["train_step_s"] = measure(benches, Bench.train_step, args.repeats, args.warmup, device)
     report["train_memory_bytes"] = {m: b.train_memory(device) for m, b in benches.items()}
@@ -217,12 +222,13 @@ def main() -> None:
         report[f"decode_s_per_token_batch{bs}"] = {m: (full[m] - one[m]) / (args.new_tokens - 1) for m in full}
 
     lora = report["train_step_s"]["lora"]
-    print(f"\n{'method':8} {'train step':>11} {'x LoRA':>7} {'memory MB':>10} {'x LoRA':>7} "
+    print(f"\n{'method':11} {'train step':>11} {'x LoRA':>7} {'memory MB':>10} {'x LoRA':>7} "
           f"{f'decode b{small}':>10} {'x LoRA':>7} {f'decode b{large}':>10} {'x LoRA':>7}")  # fmt: skip
     for m in benches:
         t, mem = report["train_step_s"][m], report["train_memory_bytes"][m]
         d1, d8 = report[f"decode_s_per_token_batch{small}"][m], report[f"decode_s_per_token_batch{large}"][m]
-        print(f"{m:8} {t:10.3f}s {t / lora:7.3f} {mem / 2**20:10.1f} {mem / report['train_memory_bytes']['lora']:7.3f} "
+        mem_ratio = mem / report["train_memory_bytes"]["lora"]
+        print(f"{m:11} {t:10.3f}s {t / lora:7.3f} {mem / 2**20:10.1f} {mem_ratio:7.3f} "
               f"{d1 * 1e3:8.1f}ms {d1 / report[f'decode_s_per_token_batch{small}']['lora']:7.3f} {d8 * 1e3:8.1f}ms "
               f"{d8 / report[f'decode_s_per_token_batch{large}']['lora']:7.3f}")  # fmt: skip
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -230,10 +236,10 @@ def main() -> None:
     if args.sweep:
         report["sweep"] = sweep(args, device, batch)
         args.out.write_text(json.dumps(report, indent=1))
-    train_ratio = report["train_step_s"]["orchmoe"] / lora
-    decode = report[f"decode_s_per_token_batch{small}"]
-    decode_ratio = decode["orchmoe"] / decode["lora"]
-    print(f"RESULT train_step_ratio={train_ratio:.3f} decode_ratio={decode_ratio:.3f}")
+    steps, decode = report["train_step_s"], report[f"decode_s_per_token_batch{small}"]
+    print(f"RESULT train_step_ratio={steps['orchmoe'] / lora:.3f} decode_ratio={decode['orchmoe'] / decode['lora']:.3f}"
+          f" mix_train_step_ratio={steps['orchmoe-mix'] / lora:.3f} "
+          f"mix_decode_ratio={decode['orchmoe-mix'] / decode['lora']:.3f}")  # fmt: skip
 
 
 def describe(method: str, result: dict) -> str:

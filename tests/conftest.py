@@ -20,10 +20,23 @@ ARCHS = {
 }
 
 
+# OrchMoEConfig options every test's OrchMoE model takes unless it names them; the `allocation` fixture runs a module's
+# tests once per allocation (``pytestmark = pytest.mark.usefixtures("allocation")``)
+DEFAULTS: dict[str, object] = {}
+
+
+@pytest.fixture(params=["diagonal", "mixing"])
+def allocation(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    monkeypatch.setitem(DEFAULTS, "allocation", request.param)
+    return request.param
+
+
 def make_peft(arch: str, seed: int = 0, **overrides) -> torch.nn.Module:
-    """A tiny model of ``arch`` with OrchMoE injected; ``init_weights=False`` so skills are not a no-op."""
+    """A tiny model of ``arch`` with OrchMoE injected; ``init_weights=False`` so skills are not a no-op; the router
+    parameters (the allocation's included) drawn from N(0, 1) so that routing differs between examples."""
     task_type, targets = ARCHS[arch]
     kwargs = {"n_abstract_tasks": 3, "n_skills": 4, "r": 2, "target_modules": targets, "task_type": task_type}
+    kwargs.update(DEFAULTS)
     kwargs["init_weights"] = False
     kwargs.update(overrides)
     torch.manual_seed(seed)

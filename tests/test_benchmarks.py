@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from orchmoe.data import write_suite
 
@@ -29,10 +30,13 @@ def test_speed_benchmark_prints_its_result_line(tmp_path: Path) -> None:
     out = tmp_path / "speed.json"
     done = script("speed.py", "--model", "tiny-gemma3", "--repeats", "2", "--warmup", "1", "--out", str(out))
     last = done.stdout.strip().splitlines()[-1]
-    assert last.startswith("RESULT train_step_ratio=") and "decode_ratio=" in last
+    assert last.startswith("RESULT train_step_ratio=") and "decode_ratio=" in last and "mix_decode_ratio=" in last
     report = json.loads(out.read_text())
-    assert set(report["train_step_s"]) == {"base", "lora", "orchmoe", "poly", "mhr"}
-    assert report["parameters"]["orchmoe"]["adapter"] == report["parameters"]["lora"]["adapter"]
+    assert set(report["train_step_s"]) == {"base", "lora", "orchmoe", "orchmoe-mix", "poly", "mhr"}
+    params = report["parameters"]
+    assert params["orchmoe"]["adapter"] == params["lora"]["adapter"] == params["orchmoe-mix"]["adapter"]
+    assert params["orchmoe-mix"]["router"] > params["orchmoe"]["router"]  # the mixing matrices
+    assert report["versions"]["torch"] == torch.__version__
 
 
 def test_memory_sweep_grows_with_the_skills_and_not_the_abstract_tasks(tmp_path: Path) -> None:
@@ -225,3 +229,11 @@ def test_gpu_pieces_leave_room_for_the_working_tree(tree_mib: int, piece_mib: in
 def test_gpu_staging_refuses_a_tree_that_leaves_no_room() -> None:
     with pytest.raises(SystemExit, match="git rm --cached"):
         piece_size(60 * 2**20)
+
+
+def test_router_length_benchmark_prints_its_result_line(tmp_path: Path) -> None:
+    out = tmp_path / "router_length.json"
+    done = script("router_length.py", "--lengths", "64", "256", "--width", "32", "--repeats", "1", "--out", str(out))
+    assert done.stdout.strip().splitlines()[-1].startswith("RESULT tokens=256 peak_mb_quadratic=")
+    results = json.loads(out.read_text())
+    assert set(results) == {"64", "256"} and set(results["256"]) == {"quadratic", "linear"}

@@ -15,6 +15,8 @@ from orchmoe.models import char_tokenizer, tiny_model
 from orchmoe.serving import PromptRouter, adapter_name, export_abstract_tasks, generate_served, load_served
 from tests.conftest import VOCAB, inputs, make_peft, prompt_labels, seq2seq_extra
 
+pytestmark = pytest.mark.usefixtures("allocation")  # the diagonal and the mixing allocation
+
 
 def trained(arch: str) -> torch.nn.Module:
     model = make_peft(arch).train()
@@ -76,8 +78,8 @@ def test_cli_exports_every_abstract_task_and_generates(arch: str, tmp_path: Path
 
     assert main(["generate", str(tmp_path / "served"), "--model", arch, "--prompt", "Add 2 and 3", "--prompt",
                  "Reverse abc", "--max-new-tokens", "3", "--quiet"]) == 0  # fmt: skip
-    printed = capsys.readouterr().out.strip().splitlines()[-2:]
-    assert all(line.startswith("[abstract-task-") for line in printed)
+    printed = capsys.readouterr().out.splitlines()  # a completion may hold a newline of its own
+    assert sum(line.startswith("[abstract-task-") for line in printed) == 2
 
 
 def test_served_left_padded_mixed_batch_equals_orchmoe_hard_routing(arch: str, tmp_path: Path) -> None:

@@ -5,7 +5,7 @@
 - ``orchmoe[harness]``: the ``orchmoe`` command, SNI data, metrics, plots and the default model;
 - ``orchmoe[trl]``: ``orchmoe.OrchMoESFTTrainer``, ``OrchMoEDPOTrainer``, ``OrchMoEGRPOTrainer``;
 - ``orchmoe[kbit]``: 4-bit and 8-bit bases (bitsandbytes);
-- ``orchmoe[serve]``: ``orchmoe serve``, the routing front before vLLM (starlette, uvicorn, httpx).
+- ``orchmoe[serve]``: ``orchmoe serve``, the routing front before vLLM (starlette, uvicorn, httpx, prometheus-client).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ EXTRAS: dict[str, tuple[str, ...]] = {  # extra -> the modules it provides
     ),
     "trl": ("trl",),
     "kbit": ("bitsandbytes",),
-    "serve": ("starlette", "uvicorn", "httpx"),
+    "serve": ("starlette", "uvicorn", "httpx", "prometheus_client"),
 }
 
 

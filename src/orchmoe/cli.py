@@ -105,7 +105,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("served", type=Path, help="A directory of `orchmoe export --all-abstract-tasks`.")
     p.add_argument("--model", required=True, help="The base model of the adapters: a local directory, or gemma3-270m.")
-    p.add_argument("--port", type=int, default=8000, help="The front's port on 127.0.0.1 (default 8000).")
+    p.add_argument("--port", type=int, default=8000, help="The front's port (default 8000).")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="The front's address (default 127.0.0.1, loopback only; 0.0.0.0: every interface, which needs "
+                   "--api-key unless --allow-no-api-key). vLLM itself always stays on loopback.")  # fmt: skip
+    p.add_argument("--api-key", default=os.environ.get("ORCHMOE_API_KEY"),
+                   help="Requests to /v1/* must send 'Authorization: Bearer KEY' (default: $ORCHMOE_API_KEY); /health "
+                   "and /metrics stay open, as in vLLM.")  # fmt: skip
+    p.add_argument(
+        "--allow-no-api-key",
+        action="store_true",
+        help="Serve on a non-loopback --host without an API key (anyone who reaches the port may use it).",
+    )
     p.add_argument(
         "--vllm",
         help="vLLM to start: its `vllm` script or its environment's Python; or the URL of a running vLLM "
@@ -195,6 +206,9 @@ def main(argv: list[str] | None = None) -> int:
                 args.served,
                 model_path(args.model),
                 port=args.port,
+                host=args.host,
+                api_key=args.api_key,
+                allow_no_api_key=args.allow_no_api_key,
                 vllm=args.vllm,
                 name=args.name,
                 vllm_args=argv[split + 1 :],

@@ -1,14 +1,15 @@
 """Export one OrchMoE routing as a standard PEFT LoRA adapter.
 
-For a fixed routing, every adapted module computes scaling * sum_j alpha_j B_j A_j x = scaling * B_cat diag(alpha
-(x) 1_r) A_cat x: exactly a LoRA of rank S*r with
+For a fixed routing, every adapted module computes scaling * B_cat op(w) A_cat x, with op(w) = diag(repeat(alpha, r))
+for the paper's diagonal allocation (alpha = S w z) and sum_t w_t M_t for the mixing one: exactly a LoRA of rank S*r
+with
 
-    lora_A = diag(repeat(alpha, r)) A_cat    # (S*r, in)
+    lora_A = op(w) A_cat                     # (S*r, in)
     lora_B = B_cat                           # (out, S*r)
     lora_alpha / (S*r) = OrchMoE's scaling
 
 so vLLM / S-LoRA / LoRAX can serve it and ``merge_and_unload`` can merge it. The routing comes from one abstract task
-(one-hot task weights), one prompt, or the average task weights of one task's test prompts (alpha is linear in w).
+(one-hot task weights), one prompt, or the average task weights of one task's test prompts (op is linear in w).
 """
 
 from __future__ import annotations
@@ -28,12 +29,14 @@ def lora_from_routing(model: PeftModel, task_weights: torch.Tensor) -> tuple[Lor
     tuner = get_tuner(model)
     adapter = tuner._adapter
     config: OrchMoEConfig = tuner.peft_config[adapter]
-    alphas = tuner.skill_weights(task_weights.float(), stochastic=False)  # module -> (1, S)
+    ops = tuner.skill_weights(task_weights.float(), stochastic=False)  # module -> (1, S) or (1, S*r, S*r)
     weights = {}
-    for name, layer in tuner.orchmoe_layers():
-        a, b = layer.orchmoe_A[adapter], layer.orchmoe_B[adapter]
-        diag = layer.layer_weights(adapter, alphas[name])[0].to(a.dtype)  # (S*r,)
-        weights[name] = (diag[:, None] * a).detach().clone(), b.detach().clone()  # (S*r, in), (out, S*r)
+    with torch.no_grad():
+        for name, layer in tuner.orchmoe_layers():
+            a, b = layer.orchmoe_A[adapter], layer.orchmoe_B[adapter]
+            op = layer.layer_weights(adapter, ops[name]).to(a.dtype)  # (1, S*r) or (1, S*r, S*r)
+            routed = layer.orchmoe_skill_router[adapter].apply(a.T[None], op)[0].T  # op A_cat: (S*r, in)
+            weights[name] = routed.contiguous().clone(), b.detach().clone()  # (S*r, in), (out, S*r)
     lora = LoraConfig(
         r=config.n_skills * config.r,
         lora_alpha=config.lora_alpha,

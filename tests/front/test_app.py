@@ -44,7 +44,11 @@ class RecordingVLLM:
     def app(self) -> Starlette:
         return Starlette(routes=[Route("/v1/completions", self.generate, methods=["POST"]),
                                  Route("/v1/chat/completions", self.generate, methods=["POST"]),
-                                 Route("/v1/models", self.models), Route("/health", lambda r: Response())])  # fmt: skip
+                                 Route("/v1/models", self.models), Route("/health", lambda r: Response()),
+                                 Route("/metrics", lambda r: Response(VLLM_METRICS))])  # fmt: skip
+
+
+VLLM_METRICS = b"# TYPE vllm:num_requests_running gauge\nvllm:num_requests_running 0.0\n"
 
 
 @pytest.fixture
@@ -123,6 +127,25 @@ BAD = [  # (endpoint, raw body, status, words of the message)
     ("/v1/completions", b'{"model": "abstract-task-9", "prompt": "x"}', 404, "unknown model 'abstract-task-9'"),
     ("/v1/chat/completions", b'{"messages": []}', 400, "non-empty list"),
     ("/v1/chat/completions", b'{"messages": "hello"}', 400, "non-empty list"),
+    ("/v1/completions", b"[" * 100_000 + b"]" * 100_000, 400, "nested too deeply"),
+    (
+        "/v1/completions",
+        b'{"prompt": "' + b"[" * 3 + b'", "x": ' + b'{"a":' * 50_000 + b"1" + b"}" * 50_000 + b"}",
+        400,
+        "nested too deeply",
+    ),
+    ("/v1/completions", b'{"prompt": "a lone \\ud800 surrogate"}', 400, "lone UTF-16 surrogate"),
+    ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "\\udfff"}]}', 400, "surrogate"),
+    ("/v1/completions", b'{"prompt": "x\xff"}', 400, "not valid JSON"),
+    ("/v1/completions", b'{"model": 5, "prompt": "x"}', 400, "'model' must be a string"),
+    ("/v1/completions", b'{"prompt": {"text": "x"}}', 400, "string or a list of token ids"),
+    ("/v1/chat/completions", b'{"messages": [5]}', 400, "does not render"),
+    (
+        "/v1/chat/completions",
+        b'{"messages": [{"role": "user", "content": "x"}], "chat_template_kwargs": 5}',
+        400,
+        "does not render",
+    ),
 ]
 
 

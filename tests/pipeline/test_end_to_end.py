@@ -173,3 +173,17 @@ def test_export_rejects_other_methods_and_unknown_tasks(tmp_path: Path, trained_
     assert "not among this run's tasks" in capsys.readouterr().err
     assert main(["export", str(trained_orchmoe), "--out", str(tmp_path / "y"), "--abstract-task", "9"]) == 2
     assert "--abstract-task must be in [0, 3]" in capsys.readouterr().err
+
+
+def test_the_mixing_allocation_trains_through_the_cli_and_records_its_distance(tmp_path: Path) -> None:
+    run("train", "--out", str(tmp_path / "r"), *TINY, "--max-steps", "4", "--log-every", "2", "--allocation", "mixing")
+    saved = json.loads((tmp_path / "r" / "adapter" / "adapter_config.json").read_text())
+    assert saved["allocation"] == "mixing"
+    tensors = load_file(tmp_path / "r" / "adapter" / "adapter_model.safetensors")
+    assert any(k.endswith("skill_router.matrices") for k in tensors) and not any("logits" in k for k in tensors)
+    log = [json.loads(line) for line in (tmp_path / "r" / "train_log.jsonl").read_text().splitlines()]
+    distances = [e["mixing_distance"] for e in log if "mixing_distance" in e]
+    assert distances and distances[-1] > 0 and not any("allocation_tv" in e for e in log)
+    data = json.loads((tmp_path / "r" / "data.json").read_text())
+    assert set(data["versions"]) == {"torch", "transformers", "peft", "trl", "accelerate"}
+    assert data["versions"]["torch"] == torch.__version__

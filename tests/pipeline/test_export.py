@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from peft import PeftModel
 
@@ -10,6 +11,8 @@ from orchmoe.cli import main
 from orchmoe.export import lora_from_routing
 from orchmoe.models import tiny_model
 from tests.conftest import VOCAB, inputs, make_peft
+
+pytestmark = pytest.mark.usefixtures("allocation")  # the diagonal and the mixing allocation
 
 
 def test_exported_lora_equals_the_routed_model(tmp_path) -> None:

@@ -11,7 +11,7 @@ from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dic
 
 import orchmoe
 from orchmoe import OrchMoEConfig
-from tests.conftest import prompt_labels
+from tests.conftest import DEFAULTS, prompt_labels
 
 bnb = pytest.importorskip("bitsandbytes")
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig, Gemma3ForCausalLM, Gemma3TextConfig  # noqa: E402
@@ -53,12 +53,13 @@ def config(method: str):
     if method == "lora":
         return LoraConfig(r=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
     return OrchMoEConfig(
-        n_abstract_tasks=3, n_skills=4, r=2, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"
+        n_abstract_tasks=3, n_skills=4, r=2, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM", **DEFAULTS
     )
 
 
 @pytest.mark.parametrize("method", ["orchmoe", "lora"])
 @pytest.mark.parametrize("quant", sorted(QUANT))
+@pytest.mark.usefixtures("allocation")
 def test_kbit_recipe_trains_generates_saves_and_loads(saved_base: Path, tmp_path: Path, quant: str, method: str):
     model = get_peft_model(prepare_model_for_kbit_training(quantized(saved_base, quant)), config(method))
     assert model.base_model.model.is_gradient_checkpointing  # prepare_model_for_kbit_training's default

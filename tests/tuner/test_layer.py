@@ -63,3 +63,35 @@ def test_uniform_routing_is_a_lora_of_rank_s_times_r() -> None:
     a, b = layer.orchmoe_A["default"], layer.orchmoe_B["default"]
     lora = layer.base_layer(x) + (8.0 / 8) * (x @ a.T @ b.T)
     assert torch.allclose(layer(x, skill_weights=torch.ones(3, 4)), lora, atol=1e-5)
+
+
+def mixing_layer(skills: int = 3, rank: int = 2, tasks: int = 4) -> Linear:
+    torch.manual_seed(0)
+    config = OrchMoEConfig(n_skills=skills, r=rank, n_abstract_tasks=tasks, allocation="mixing", init_weights=False)
+    layer = Linear(nn.Linear(7, 6), "default", config)
+    with torch.no_grad():
+        layer.orchmoe_skill_router["default"].matrices.normal_()
+    return layer
+
+
+@pytest.mark.parametrize("shape", [(3, 5, 7), (2, 1, 7), (4, 7)])
+def test_mixing_layer_matches_a_loop_over_examples_and_abstract_tasks(shape: tuple[int, ...]) -> None:
+    """h = W0 x + scaling * B_cat (sum_t w_t M_t) A_cat x, one example and one abstract task at a time."""
+    layer = mixing_layer()
+    allocation = layer.orchmoe_skill_router["default"]
+    a, b, scaling = layer.orchmoe_A["default"], layer.orchmoe_B["default"], layer.scaling["default"]
+    x, w = torch.randn(*shape), torch.rand(shape[0], 4).softmax(-1)
+    expected = layer.base_layer(x).clone()
+    for i in range(shape[0]):
+        for t in range(4):
+            expected[i] += scaling * w[i, t] * (x[i] @ a.T @ allocation.matrices[t].T @ b.T)
+    assert torch.allclose(layer(x, skill_weights=allocation.mix(w, stochastic=True)), expected, atol=1e-5)
+
+
+def test_mixing_layer_expands_routing_for_beams() -> None:
+    layer = mixing_layer()
+    op = layer.orchmoe_skill_router["default"].mix(torch.rand(2, 4).softmax(-1), stochastic=False)  # (2, 6, 6)
+    x = torch.randn(4, 5, 7)  # each example expanded to two beams
+    assert torch.allclose(layer(x, skill_weights=op), layer(x, skill_weights=op.repeat_interleave(2, dim=0)))
+    with pytest.raises(ValueError, match="multiple"):
+        layer(torch.randn(3, 5, 7), skill_weights=op)

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from peft import PeftModel
+from peft import LoraConfig, PeftModel, get_peft_model
 from peft.utils import PeftType
 
 import orchmoe
+from orchmoe import OrchMoEConfig
 from orchmoe.models import tiny_model
-from tests.conftest import VOCAB, inputs, make_peft, prompt_labels, seq2seq_extra
+from tests.conftest import ARCHS, VOCAB, inputs, make_peft, prompt_labels, seq2seq_extra
 
 
 def logits(model: torch.nn.Module, batch: dict, arch: str) -> torch.Tensor:
@@ -171,8 +172,9 @@ def test_gumbel_noise_only_in_training() -> None:
     assert torch.equal(det[0], det[1]) and torch.equal(det[0][0], det[0][1])
 
 
-def test_parameter_report_counts_skills_and_routers_separately(arch: str) -> None:
-    model = make_peft(arch)
+@pytest.mark.parametrize(("kind", "per_module"), [("diagonal", 3 * 4), ("mixing", 3 * (4 * 2) ** 2)])  # T S, T (S r)^2
+def test_parameter_report_counts_skills_and_routers_separately(arch: str, kind: str, per_module: int) -> None:
+    model = make_peft(arch, allocation=kind)
     counts = orchmoe.parameter_report(model)
     tuner = orchmoe.get_tuner(model)
     layers = list(tuner.orchmoe_layers())
@@ -180,10 +182,11 @@ def test_parameter_report_counts_skills_and_routers_separately(arch: str) -> Non
     d = 32
     assert counts["skills"] == sum(s * r * (layer.in_features + layer.out_features) for _, layer in layers)
     assert counts["task_router"] == d * t + t
-    assert counts["skill_router"] == len(layers) * t * s
+    assert counts["skill_router"] == len(layers) * per_module
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     assert counts["trainable"] == trainable
-    assert "skills" in orchmoe.format_parameter_report(counts)
+    extra = 100 * (counts["task_router"] + counts["skill_router"]) / counts["skills"]
+    assert f"(routers: +{extra:.2f}% over the skills)" in orchmoe.format_parameter_report(counts)
 
 
 def test_explicit_task_weights_override_the_task_router() -> None:
@@ -270,3 +273,70 @@ def test_training_without_a_prompt_is_refused(kwargs: dict, error: type, match: 
     model.eval()
     with torch.no_grad():
         model(input_ids=ids)  # at eval the input is the prompt, as in generate
+
+
+def at_start(arch: str, method: str) -> torch.nn.Module:
+    """A model at its allocation's initialisation with random B (so that every output and gradient is non-trivial):
+    the mixing matrices at I, Z at exactly 0 without noise (uniform), or a LoRA of rank S*r; the same A and B."""
+    task_type, targets = ARCHS[arch]
+    if method == "lora":
+        config = LoraConfig(r=8, lora_alpha=8.0, target_modules=targets, task_type=task_type, init_lora_weights=False)
+    else:
+        config = OrchMoEConfig(n_abstract_tasks=3, n_skills=4, r=2, lora_alpha=8.0, target_modules=targets,
+                               task_type=task_type, init_weights=False, allocation=method, noise_scale=0.0)  # fmt: skip
+    torch.manual_seed(0)
+    model = get_peft_model(tiny_model(arch, vocab_size=VOCAB, seed=0), config).train()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "skill_router.default.logits" in name:
+                p.zero_()
+            if "task_router" in name:
+                p.normal_()  # prompts spread over the abstract tasks
+    return model
+
+
+def step(model: torch.nn.Module, arch: str) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Training logits and the gradients of A and B (keyed by module and side), from one training call."""
+    batch = {**inputs(batch=4), **seq2seq_extra(arch, 4)}
+    labels = batch["decoder_input_ids"] if arch == "tiny-t5" else prompt_labels(batch["input_ids"])
+    torch.manual_seed(7)  # the same dropout for every model
+    out = model(**batch, labels=labels)
+    out.loss.backward()
+    grads = {}
+    for name, p in model.named_parameters():
+        for side in ("A", "B"):
+            if f"orchmoe_{side}.default" in name or f"lora_{side}.default" in name:
+                grads[(name.split(".orchmoe_")[0].split(".lora_")[0], side)] = p.grad
+    return out.logits.detach(), grads
+
+
+def test_at_initialisation_the_mixing_allocation_is_the_uniform_diagonal_and_a_lora(arch: str) -> None:
+    mixing, diagonal, lora = (at_start(arch, m) for m in ("mixing", "diagonal", "lora"))
+    with torch.no_grad():
+        for name, p in mixing.named_parameters():
+            for side in ("A", "B"):
+                if f"orchmoe_{side}.default" in name:
+                    diagonal.get_parameter(name).copy_(p)
+                    lora.get_parameter(name.replace(f"orchmoe_{side}.default", f"lora_{side}.default.weight")).copy_(p)
+    (got, got_grads), *others = (step(m, arch) for m in (mixing, diagonal, lora))
+    assert got_grads and all(g.abs().sum() > 0 for g in got_grads.values())
+    for expected, expected_grads in others:
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
+        assert expected_grads.keys() == got_grads.keys()
+        for key, grad in got_grads.items():
+            torch.testing.assert_close(grad, expected_grads[key], atol=1e-5, rtol=1e-4, msg=str(key))
+    # and at once each abstract task's matrix learns from its own examples' gradient
+    matrices = [p for n, p in mixing.named_parameters() if "skill_router" in n]
+    assert matrices and all(m.grad is not None and m.grad.abs().sum() > 0 for m in matrices)
+
+
+@pytest.mark.parametrize("task", [0, 2])
+def test_each_mixing_matrix_gets_the_gradient_of_its_own_abstract_task_only(task: int) -> None:
+    model = make_peft("tiny-gemma3", allocation="mixing").train()
+    batch = inputs(batch=4)
+    hard = torch.nn.functional.one_hot(torch.full((4,), task), 3).float()
+    model(**batch, labels=prompt_labels(batch["input_ids"]), task_weights=hard).loss.backward()
+    for name, p in model.named_parameters():
+        if "skill_router" in name:
+            moved = p.grad.flatten(1).abs().sum(-1) > 0  # (T,)
+            assert moved.tolist() == [t == task for t in range(3)], name

@@ -1,7 +1,8 @@
 """The checks peft applies to every tuner (its tests/testing_common.py), written for a per-example-routed tuner.
 
-Each runs on a decoder-only (tiny Gemma 3) and an encoder-decoder (tiny T5) model; where a check could pass for a
-wrong reason, a LoRA control runs the same code and must pass too.
+Each runs on a decoder-only (tiny Gemma 3) and an encoder-decoder (tiny T5) model, with either allocation (the
+paper's diagonal and the mixing one); where a check could pass for a wrong reason, a LoRA control runs the same code
+and must pass too.
 """
 
 from __future__ import annotations
@@ -18,8 +19,9 @@ from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
 import orchmoe
 from orchmoe import OrchMoEConfig
 from orchmoe.models import tiny_model
-from tests.conftest import ARCHS, VOCAB, inputs, make_peft, prompt_labels, seq2seq_extra
+from tests.conftest import ARCHS, DEFAULTS, VOCAB, inputs, make_peft, prompt_labels, seq2seq_extra
 
+pytestmark = pytest.mark.usefixtures("allocation")
 METHODS = ("orchmoe", "lora")
 
 
@@ -27,7 +29,7 @@ def config(method: str, arch: str, **overrides) -> OrchMoEConfig | LoraConfig:
     task_type, targets = ARCHS[arch]
     if method == "lora":
         return LoraConfig(r=8, target_modules=targets, task_type=task_type, init_lora_weights=False, **overrides)
-    kwargs = {"n_abstract_tasks": 3, "n_skills": 4, "r": 2, "init_weights": False, **overrides}
+    kwargs = {"n_abstract_tasks": 3, "n_skills": 4, "r": 2, "init_weights": False, **DEFAULTS, **overrides}
     return OrchMoEConfig(target_modules=targets, task_type=task_type, **kwargs)
 
 

@@ -7,7 +7,7 @@ import torch
 
 from orchmoe import OrchMoEConfig
 from orchmoe.tuner import SkillRouter, TaskRouter
-from orchmoe.tuner.router import entropy, relax, routing_entropies
+from orchmoe.tuner.router import MixingAllocation, entropy, relax, routing_entropies
 
 
 def test_task_router_attention_is_the_papers_formula() -> None:
@@ -109,3 +109,54 @@ def mutual_information_loss(task_weights: torch.Tensor) -> torch.Tensor:
 )
 def test_mutual_information_loss(weights: torch.Tensor, expected: torch.Tensor) -> None:
     assert torch.allclose(mutual_information_loss(weights), expected, atol=1e-4)
+
+
+def test_mixing_allocation_starts_at_the_identity_for_every_prompt() -> None:
+    """sum_t w_t I = I whatever w: a LoRA of rank S*r at the start, without noise in training."""
+    allocation = MixingAllocation(OrchMoEConfig(n_skills=3, r=2, n_abstract_tasks=4, allocation="mixing"))
+    w = torch.rand(5, 4).softmax(-1)
+    assert torch.equal(allocation.mix(w, stochastic=True), torch.eye(6).expand(5, 6, 6))
+    assert allocation.distance(allocation.matrices[None]).item() == 0.0
+    assert allocation.matrices.numel() == 4 * 6 * 6  # T (S r)^2
+
+
+def quadratic_pool(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """The Task Router's pooling as first written, with the full (B, L, L) scores: the reference."""
+    x = x.float()
+    scores = torch.einsum("bid,bjd->bij", x, x) / x.shape[-1] ** 0.5
+    scores = scores.masked_fill(~keep[:, None, :], torch.finfo(scores.dtype).min)
+    x = torch.einsum("bij,bjd->bid", scores.softmax(dim=-1), x) + x
+    w = keep.float()
+    return torch.einsum("bld,bl->bd", x, w) / w.sum(dim=1, keepdim=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("chunk", [None, 7])  # the whole prompt at once, or queries in chunks of a few
+def test_task_router_pooling_equals_the_quadratic_formula_with_padding(
+    dtype: torch.dtype, chunk: int | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from orchmoe.tuner import router as module
+
+    if chunk is not None:
+        monkeypatch.setattr(module, "ATTENTION_CHUNK", 3 * chunk * 11)  # B * queries * L: 7 queries a chunk
+    torch.manual_seed(0)
+    x = (torch.randn(3, 11, 16) * 3).to(dtype)
+    keep = torch.ones(3, 11, dtype=torch.bool)
+    keep[1, :4] = False  # left padding
+    keep[2, 6:] = False  # right padding
+    router = TaskRouter(16, OrchMoEConfig(n_abstract_tasks=3))
+    torch.testing.assert_close(router.pool(x, keep), quadratic_pool(x, keep), atol=1e-5, rtol=1e-5)
+    alone = router.pool(x[2:3, :6], keep[2:3, :6])  # padding changes nothing
+    torch.testing.assert_close(alone, router.pool(x, keep)[2:3], atol=1e-5, rtol=1e-5)
+
+
+def test_served_prompt_router_pools_as_the_tuner_does(tmp_path) -> None:
+    from orchmoe.serving import PromptRouter
+
+    torch.manual_seed(0)
+    router = TaskRouter(16, OrchMoEConfig(n_abstract_tasks=3)).eval()
+    served = PromptRouter(router, {"embed_scale": 1.0})
+    x, keep = torch.randn(2, 9, 16), torch.ones(2, 9, dtype=torch.bool)
+    keep[0, :3] = False
+    pooled = quadratic_pool(x, keep) / (1 + router.norm.eps) ** 0.5  # fresh running statistics: mean 0, var 1
+    torch.testing.assert_close(served(x, keep), torch.softmax(router.proj(pooled), dim=-1), atol=1e-6, rtol=1e-5)

@@ -3,7 +3,8 @@
     orchmoe export RUN --all-abstract-tasks --out served     # one LoRA per abstract task + the Task Router
     orchmoe serve served --model BASE --port 8000           # vLLM with every adapter, the routing front on :8000
 
-The front (``orchmoe.front.app``) is an OpenAI-compatible server on loopback; vLLM runs in its own environment
+The front (``orchmoe.front.app``) is an OpenAI-compatible server, on loopback unless ``--host`` says otherwise (with
+``--api-key``); vLLM runs in its own environment
 (``orchmoe serve-setup`` makes one, or ``--vllm PATH/TO/vllm``) and is started, restarted and stopped by the front, or
 is already running (``--vllm URL``).
 Needs ``pip install "orchmoe[serve]"`` for the front; vLLM itself is installed apart (it pins its own transformers).
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import shutil
 import socket
@@ -48,9 +50,30 @@ def resolve_vllm(vllm: str | None) -> str:
     return found
 
 
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` names only this machine (127.0.0.0/8, ::1, localhost)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a host name: it may resolve to any interface
+
+
+def check_exposure(host: str, api_key: str | None, allow_no_api_key: bool) -> None:
+    """Refuse to serve beyond loopback without an API key unless asked for explicitly."""
+    if not is_loopback(host) and not api_key and not allow_no_api_key:
+        raise ValueError(
+            f"--host {host} serves beyond this machine, and no API key is set: pass --api-key KEY (or set "
+            "ORCHMOE_API_KEY), or --allow-no-api-key to serve without one"
+        )
+
+
 def serve(served: str | Path, base: str | Path, port: int = 8000, vllm: str | None = None, name: str = "orchmoe",
-          vllm_args: Sequence[str] = (), ready_timeout: float = 900, timeout: float = 300) -> None:  # fmt: skip
-    """Run the front on 127.0.0.1:``port`` until SIGINT / SIGTERM; a vLLM it started stops with it."""
+          vllm_args: Sequence[str] = (), ready_timeout: float = 900, timeout: float = 300, host: str = "127.0.0.1",
+          api_key: str | None = None, allow_no_api_key: bool = False) -> None:  # fmt: skip
+    """Run the front on ``host``:``port`` until SIGINT / SIGTERM; a vLLM it started stops with it (on loopback)."""
+    check_exposure(host, api_key, allow_no_api_key)
     require("serve", "`orchmoe serve`")
     import torch
     import uvicorn
@@ -67,7 +90,7 @@ def serve(served: str | Path, base: str | Path, port: int = 8000, vllm: str | No
         command = vllm_command(target, str(base), served, vllm_port, list(vllm_args))
         managed = ManagedVLLM(command, f"http://127.0.0.1:{vllm_port}")
         target = managed.url
-    front = Front(served, base, target, name=name, timeout=timeout, managed=managed)
+    front = Front(served, base, target, name=name, timeout=timeout, managed=managed, api_key=api_key or None)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: object) -> AsyncIterator[None]:
@@ -80,8 +103,8 @@ def serve(served: str | Path, base: str | Path, port: int = 8000, vllm: str | No
                 managed.stop()
                 raise
             watcher = asyncio.create_task(managed.watch(ready_timeout))
-        log.info("routing %s on http://127.0.0.1:%d to %s (vLLM at %s)", name, port, ", ".join(front.adapters),
-                 target)  # fmt: skip
+        log.info("routing %s on http://%s:%d to %s (vLLM at %s)%s", name, host, port, ", ".join(front.adapters),
+                 target, "" if api_key else ", no API key")  # fmt: skip
         try:
             yield
         finally:
@@ -91,4 +114,4 @@ def serve(served: str | Path, base: str | Path, port: int = 8000, vllm: str | No
                 watcher.cancel()
             await front.client.aclose()
 
-    uvicorn.run(front.app(lifespan), host="127.0.0.1", port=port, log_level="warning")
+    uvicorn.run(front.app(lifespan), host=host, port=port, log_level="warning")

@@ -6,11 +6,15 @@ prompt is tokenized as vLLM tokenizes it (the chat template for chat completions
 input embeddings (no layer of the model runs) and the request goes to vLLM with ``"model"`` set to the adapter of the
 most likely abstract task. A request naming an adapter or the base passes through unchanged. Streams are relayed as
 they come. The route is in the ``X-OrchMoE-Route`` response header (``none`` for a pass-through) and in the log.
+
+Before any work a request is checked (``orchmoe.front.guard``): its API key, its size, its JSON and text, the prompt's
+token count against the context; tokenizing and routing run in worker threads, never on the event loop, and the
+requests in flight and queued for routing are bounded. ``/metrics`` serves vLLM's Prometheus metrics and the front's
+own (``orchmoe.front.metrics``).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Callable, Mapping
@@ -22,28 +26,25 @@ import torch
 from safetensors import safe_open
 from starlette.applications import Starlette
 from starlette.background import BackgroundTask
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 from transformers import AutoConfig, AutoTokenizer
 
 from ..serving import PromptRouter
+from .guard import Admission, Refused, check_key, parse, read_body
+from .metrics import CONTENT_TYPE, FrontMetrics
 from .vllm import ManagedVLLM
 
 log = logging.getLogger("orchmoe.front")
 ROUTE_HEADER, ROUTING_MS_HEADER = "X-OrchMoE-Route", "X-OrchMoE-Routing-Ms"
+MAX_BODY_BYTES = 4 * 2**20  # a 32k-token prompt is a few hundred KB of text or token ids
+LONG_BODY = 16 * 2**10  # bytes: a body this large is tokenized in the long lane
 
 
-class BadRequest(Exception):
-    """A request the front refuses: ``status`` (4xx) and an OpenAI-style error body."""
-
-    def __init__(self, status: int, message: str, code: str = "invalid_request_error") -> None:
-        super().__init__(message)
-        self.status, self.code = status, code
-
-
-def error(status: int, message: str, code: str) -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": code, "code": status}}, status_code=status)
+def error(status: int, message: str, code: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "type": code, "code": status}}, status_code=status,
+                        headers=headers)  # fmt: skip
 
 
 def load_input_embeddings(base: str | Path) -> torch.nn.Embedding:
@@ -71,8 +72,12 @@ class Front:
     the vLLM process the front started, if it did."""
 
     def __init__(self, served: str | Path, base: str | Path, upstream: str, name: str = "orchmoe",
-                 base_name: str | None = None, timeout: float = 300,
-                 managed: ManagedVLLM | None = None) -> None:  # fmt: skip
+                 base_name: str | None = None, timeout: float = 300, managed: ManagedVLLM | None = None,
+                 api_key: str | None = None, max_body_bytes: int = MAX_BODY_BYTES,
+                 admission: Admission | None = None) -> None:  # fmt: skip
+        self.api_key, self.max_body_bytes = api_key, max_body_bytes
+        self.admission = admission or Admission()
+        self.metrics = FrontMetrics()
         self.router = PromptRouter.from_pretrained(served)
         self.adapters: list[str] = self.router.config["adapters"]
         self.tokenizer = AutoTokenizer.from_pretrained(base)
@@ -86,7 +91,8 @@ class Front:
         return Starlette(routes=[Route("/v1/completions", self.completions, methods=["POST"]),
                                  Route("/v1/chat/completions", self.chat_completions, methods=["POST"]),
                                  Route("/v1/models", self.models, methods=["GET"]),
-                                 Route("/health", self.health, methods=["GET"])], lifespan=lifespan)  # fmt: skip
+                                 Route("/health", self.health, methods=["GET"]),
+                                 Route("/metrics", self.prometheus, methods=["GET"])], lifespan=lifespan)  # fmt: skip
 
     # the endpoints
 
@@ -98,7 +104,10 @@ class Front:
 
     async def models(self, request: Request) -> Response:
         try:
+            check_key(request, self.api_key)
             cards = await self.upstream_models()
+        except Refused as err:
+            return self.refused("/v1/models", err)
         except httpx.TransportError as err:
             return self.unreachable(err)
         card = {"id": self.name, "object": "model", "owned_by": "orchmoe", "root": self.base_name,
@@ -116,42 +125,82 @@ class Front:
             return self.unreachable(err)
         return JSONResponse({**state, "status": status}, status_code=200 if status == 200 else 503)
 
+    async def prometheus(self, request: Request) -> Response:
+        """vLLM's metrics (when it answers), then the front's own."""
+        try:
+            upstream = await self.client.get("/metrics")
+            text = upstream.content if upstream.status_code == 200 else b""
+        except httpx.TransportError:
+            text = b""
+        return Response(self.metrics.render(text), media_type=CONTENT_TYPE)
+
     # one request
 
     async def handle(self, request: Request, path: str, prompt_ids: Callable[[dict], list[int]]) -> Response:
         try:
-            body = self.parse(await request.body())
-            model = body.get("model", self.name)
-            route, ids, routing_ms = await self.resolve(model, body, prompt_ids)
-        except BadRequest as err:
-            log.info("%s refused (%d): %s", path, err.status, err)
-            return error(err.status, str(err), err.code)
+            with self.admission.admitted():
+                return await self.serve_one(request, path, prompt_ids)
+        except Refused as err:
+            return self.refused(path, err)
+        except ClientDisconnect:
+            log.info("%s: the client went away before its request arrived", path)
+            self.metrics.refusals.labels("client_disconnected").inc()
+            return Response(status_code=400)
+
+    async def serve_one(self, request: Request, path: str, prompt_ids: Callable[[dict], list[int]]) -> Response:
+        """Check, route and forward one admitted request."""
+        check_key(request, self.api_key)
+        raw = await read_body(request, self.max_body_bytes)
+        body = parse(raw)
+        model = body.get("model", self.name)
+        try:
+            route, ids, routing_ms = await self.resolve(model, body, prompt_ids, len(raw))
         except httpx.TransportError as err:
             return self.unreachable(err)
         if route != "none":
             body["model"] = route
         headers = {ROUTE_HEADER: route, ROUTING_MS_HEADER: f"{routing_ms:.3f}"}
         response = await self.forward(path, body, headers)
+        self.metrics.requests.labels(path, route).inc()
         tokens = f"{len(ids)} prompt tokens, " if ids is not None else ""
         how = f"routed to {route}" if route != "none" else f"passed through to {model}"
         log.info("%s %s (%srouting %.2f ms) -> %d", path, how, tokens, routing_ms, response.status_code)
         return response
 
+    def refused(self, path: str, err: Refused) -> Response:
+        log.info("%s refused (%d, %s): %s", path, err.status, err.reason, err)
+        self.metrics.refusals.labels(err.reason).inc()
+        return error(err.status, str(err), err.code, err.headers)
+
     async def resolve(
-        self, model: str, body: dict, prompt_ids: Callable[[dict], list[int]]
+        self, model: str, body: dict, prompt_ids: Callable[[dict], list[int]], size: int = 0
     ) -> tuple[str, list[int] | None, float]:
-        """(the adapter or "none" for a pass-through, the routed prompt's ids, routing ms: tokenize + route)."""
+        """(the adapter or "none" for a pass-through, the routed prompt's ids, routing ms: tokenize + route). The
+        prompt is tokenized and checked against the context before the Task Router reads it; both run in a worker
+        thread of the lane its size asks for."""
+        if not isinstance(model, str):
+            raise Refused(400, "'model' must be a string")
         if model in (*self.adapters, self.base_name):
             return "none", None, 0.0
         if model != self.name:
             served = ", ".join([self.name, *self.adapters, self.base_name])
-            raise BadRequest(404, f"unknown model {model!r}; this server serves: {served}", "model_not_found")
+            raise Refused(404, f"unknown model {model!r}; this server serves: {served}", "model_not_found",
+                          "unknown_model")  # fmt: skip
         started = time.perf_counter()
-        ids = prompt_ids(body)
-        route = self.route(ids)
-        routing_ms = (time.perf_counter() - started) * 1e3
+        lane = self.admission.long if size > LONG_BODY else self.admission.short
+        ids = await lane.run(self.tokenize, prompt_ids, body)
+        tokenized = time.perf_counter() - started
         await self.check_length(ids)  # may ask vLLM once: not part of the routing time
-        return route, ids, routing_ms
+        started = time.perf_counter()
+        route = await self.admission.lane(len(ids)).run(self.route, ids)
+        seconds = tokenized + time.perf_counter() - started
+        self.metrics.routing.observe(seconds)
+        return route, ids, seconds * 1e3
+
+    def tokenize(self, prompt_ids: Callable[[dict], list[int]], body: dict) -> list[int]:
+        """``prompt_ids`` in a worker thread, one tokenizer call at a time (they share one tokenizer)."""
+        with self.admission.tokenizer_lock:
+            return prompt_ids(body)
 
     async def forward(self, path: str, body: dict, headers: dict[str, str]) -> Response:
         try:
@@ -174,21 +223,12 @@ class Front:
         message = (f"vLLM at {self.upstream} is not answering ({type(err).__name__}); the request was not served, "
                    "retry once it is back")  # fmt: skip
         log.warning("%s", message)
+        self.metrics.refusals.labels("upstream_unavailable").inc()
         response = error(503, message, "service_unavailable")
         response.headers.update(headers or {})
         return response
 
     # routing
-
-    @staticmethod
-    def parse(raw: bytes) -> dict:
-        try:
-            body = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise BadRequest(400, f"the request body is not valid JSON: {err}") from None
-        if not isinstance(body, dict):
-            raise BadRequest(400, "the request body must be a JSON object")
-        return body
 
     def completion_ids(self, body: dict) -> list[int]:
         """The prompt's token ids as vLLM makes them: a string tokenized with the tokenizer's special tokens, or ids."""
@@ -197,28 +237,28 @@ class Front:
             if len(prompt) > 1:
                 message = (f"{len(prompt)} prompts in one request: the front routes one prompt per request; send "
                            "them separately, or name an adapter in 'model' to batch them")  # fmt: skip
-                raise BadRequest(400, message)
+                raise Refused(400, message)
             prompt = prompt[0]
         if isinstance(prompt, str):
             ids = self.tokenizer(prompt)["input_ids"] if prompt else []
         elif isinstance(prompt, list) and all(isinstance(p, int) for p in prompt):
             ids = prompt
         else:
-            raise BadRequest(400, "'prompt' must be a string or a list of token ids")
+            raise Refused(400, "'prompt' must be a string or a list of token ids")
         if not ids:
-            raise BadRequest(400, "the prompt is empty: there is nothing to route")
+            raise Refused(400, "the prompt is empty: there is nothing to route")
         vocab = len(self.table.weight)
         if max(ids) >= vocab or min(ids) < 0:
-            raise BadRequest(400, f"a token id of the prompt is outside the vocabulary (0..{vocab - 1})")
+            raise Refused(400, f"a token id of the prompt is outside the vocabulary (0..{vocab - 1})")
         return ids
 
     def chat_ids(self, body: dict) -> list[int]:
         """The chat's token ids as vLLM renders them: the chat template with the generation prompt, tokenized."""
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages:
-            raise BadRequest(400, "'messages' must be a non-empty list of chat messages")
+            raise Refused(400, "'messages' must be a non-empty list of chat messages")
         if self.tokenizer.chat_template is None and body.get("chat_template") is None:
-            raise BadRequest(400, "the base model's tokenizer has no chat template: use /v1/completions")
+            raise Refused(400, "the base model's tokenizer has no chat template: use /v1/completions")
         try:
             # what vLLM renders into the prompt: the tools and documents too, so that the route reads the same text
             options = {"chat_template": body.get("chat_template"), "tools": body.get("tools"),
@@ -227,10 +267,10 @@ class Front:
                        "continue_final_message": body.get("continue_final_message", False)}  # fmt: skip
             ids = self.tokenizer.apply_chat_template(messages, tokenize=True, **options)
         except Exception as err:  # the template's own errors (a missing role, ...) are the client's
-            raise BadRequest(400, f"the chat template does not render these messages: {err}") from None
+            raise Refused(400, f"the chat template does not render these messages: {err}") from None
         ids = list(ids["input_ids"] if isinstance(ids, Mapping) else ids)
         if not ids:
-            raise BadRequest(400, "the chat renders to an empty prompt: there is nothing to route")
+            raise Refused(400, "the chat renders to an empty prompt: there is nothing to route")
         return ids
 
     async def upstream_models(self) -> list[dict]:
@@ -253,8 +293,8 @@ class Front:
     async def check_length(self, ids: list[int]) -> None:
         limit = await self.context_length()
         if limit is not None and len(ids) >= limit:
-            raise BadRequest(400, f"the prompt has {len(ids)} tokens; the model's context is {limit} tokens, with "
-                             "room for at least one generated token")  # fmt: skip
+            raise Refused(400, f"the prompt has {len(ids)} tokens; the model's context is {limit} tokens, with room "
+                          "for at least one generated token", reason="prompt_too_long")  # fmt: skip
 
     def route(self, ids: list[int]) -> str:
         """The adapter of the prompt's most likely abstract task."""

@@ -64,19 +64,21 @@ def compare(
     check_parity({m: ParamCounts(**r["parameters"]) for m, r in results.items()})
     summary = {"config": cfg.to_dict(), "methods": results, "seconds": round(time.time() - began, 1)}
     write_json(out / "results.json", summary)
-    figures = _plots(out, results)
+    figures = _plots(out, results, cfg)
     report = _markdown(cfg, results, figures, summary["seconds"], out)
     (out / "results.md").write_text(report)
     return report
 
 
-def _plots(out: Path, results: dict[str, Any]) -> list[str]:
+def _plots(out: Path, results: dict[str, Any], cfg: RunConfig) -> list[str]:
     figures = ["rouge.png", "loss.png"]
     plots.rouge_bars(results, out / "rouge.png")
     logs = {m: [json.loads(line) for line in (out / m / LOG_FILE).read_text().splitlines()] for m in results}
     plots.loss_curves(logs, out / "loss.png")
     if "orchmoe" in results:
-        plots.allocation_figure(out / "orchmoe" / "adapter", out / "allocation.png")
+        if cfg.allocation == "diagonal":  # the skill mixes (the mixing allocation has none to draw)
+            plots.allocation_figure(out / "orchmoe" / "adapter", out / "allocation.png")
+            figures.append("allocation.png")
         rows, matrix = [], []
         for name in ("seen", "unseen"):
             by_task = results["orchmoe"].get(name, {}).get("task_weights_by_task", {})
@@ -87,7 +89,7 @@ def _plots(out: Path, results: dict[str, Any]) -> list[str]:
             np.array(matrix), rows, [str(t) for t in range(len(matrix[0]))],
             "mean abstract-task weights per true task", "abstract task", out / "routing.png",
         )  # fmt: skip
-        figures += ["allocation.png", "routing.png"]
+        figures.append("routing.png")
     return figures
 
 

@@ -89,7 +89,9 @@ class RunConfig:
     )
     allocation: str = field(
         default="diagonal",
-        metadata={"help": "OrchMoE task-skill allocation: diagonal (the paper's) or mixing (a matrix per abstract task)."},
+        metadata={
+            "help": "OrchMoE task-skill allocation: diagonal (the paper's) or mixing (a matrix per abstract task)."
+        },
     )
     router_mi_weight: float = field(default=0.1, metadata={"help": "OrchMoE router MI weight lambda."})
     uniform_task_router: bool = field(default=False, metadata={"help": "Ablation: fixed uniform task weights."})

@@ -19,7 +19,7 @@ from ..training import RelaxationSchedule, parameter_groups
 from ..tuner import OrchMoEConfig
 from ..tuner.access import get_tuner
 from ..tuner.parameters import count_by_kind, router_kinds
-from ..tuner.router import SkillRouter, distance_from_uniform
+from ..tuner.router import Allocation
 from ..tuner.targets import default_target_modules
 from .config import RunConfig
 
@@ -113,7 +113,7 @@ class OrchMoE(Method):
     def peft_config(self, targets: list[str], task_type: str, cfg: RunConfig, n_train_tasks: int):
         return OrchMoEConfig(
             r=cfg.r, n_skills=cfg.n_skills, n_abstract_tasks=cfg.n_abstract_tasks, lora_alpha=cfg.lora_alpha,
-            target_modules=targets, task_type=task_type, temperature=cfg.temperature,
+            target_modules=targets, task_type=task_type, temperature=cfg.temperature, allocation=cfg.allocation,
             router_mi_weight=cfg.router_mi_weight, router_lr_multiplier=cfg.router_lr_multiplier,
         )  # fmt: skip
 
@@ -149,16 +149,19 @@ class OrchMoE(Method):
         return get_tuner(model).routing(**kwargs).task_weights
 
     def log_state(self, model: nn.Module) -> dict[str, float]:
-        return {"allocation_tv": allocation_distance(model)}
+        return allocation_distance(model)
 
 
-def allocation_distance(model: nn.Module) -> float:
-    """How far the learned allocation is from uniform: the total-variation distance between each abstract task's
-    eval-time skill distribution softmax(Z_i / tau) and 1/S, averaged over abstract tasks and modules (0: every
-    abstract task gets the same, uniform skill mix, i.e. OrchMoE computes a LoRA of rank S*r)."""
+def allocation_distance(model: nn.Module) -> dict[str, float]:
+    """How far the learned allocation has moved from its LoRA-equivalent start (0 there: every abstract task gets the
+    same operator, OrchMoE computes a LoRA of rank S*r), averaged over abstract tasks and modules, under the
+    allocation's own log key: for the diagonal, ``allocation_tv``, the total-variation distance between each abstract
+    task's eval-time skill distribution softmax(Z_i / tau) and 1/S; for the mixing one, ``mixing_distance``,
+    ||M_t - I||_F / ||I||_F."""
+    allocations = [m for m in model.modules() if isinstance(m, Allocation)]
     with torch.no_grad():
-        z = torch.stack([m.allocation(stochastic=False) for m in model.modules() if isinstance(m, SkillRouter)])
-        return distance_from_uniform(z).item()  # (M, T, S) -> scalar
+        weight = torch.stack([a.weight for a in allocations])  # (M, T, S) or (M, T, S*r, S*r)
+        return {allocations[0].log_key: allocations[0].distance(weight).item()}
 
 
 METHOD_OBJECTS: dict[str, Method] = {
@@ -190,7 +193,8 @@ def apply_ablations(model: PeftModel, cfg: RunConfig) -> None:
     """The harness's router ablations, by freezing router parameters at the values that make them uniform.
 
     No Task Router: W_task = 0 and b = 0, so w = softmax(0) = 1/T for every prompt. No Skill Router: Z = 0 without
-    training noise, so z = 1/S and every skill weight is S * 1/S = 1 (the adapter is then a LoRA of rank S*r).
+    training noise, so z = 1/S and every skill weight is S * 1/S = 1 (for the mixing allocation every M_t = I): the
+    adapter is then a LoRA of rank S*r.
     """
     tuner = get_tuner(model)
     with torch.no_grad():
@@ -199,9 +203,8 @@ def apply_ablations(model: PeftModel, cfg: RunConfig) -> None:
                 p.zero_().requires_grad_(False)
         if cfg.uniform_skill_router:
             for module in tuner.modules():
-                if isinstance(module, SkillRouter):
-                    module.logits.zero_().requires_grad_(False)
-                    module.noise_scale = 0.0
+                if isinstance(module, Allocation):
+                    module.freeze_uniform()
 
 
 def gradient_norms(method: Method, model: nn.Module) -> dict[str, torch.Tensor]:

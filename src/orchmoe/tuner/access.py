@@ -34,11 +34,13 @@ def parameter_report(model: nn.Module) -> dict[str, int]:
 
 
 def format_parameter_report(counts: Mapping[str, int]) -> str:
+    """One line: the trainable parameters by kind, and what the routers add to the skills (a LoRA of rank S*r)."""
     share = 100.0 * counts["trainable"] / max(1, counts["trainable"] + counts["base"])
+    extra = 100.0 * (counts["task_router"] + counts["skill_router"]) / max(1, counts["skills"])
     return (
         f"trainable params: {counts['trainable']:,} ({share:.4f}% of {counts['trainable'] + counts['base']:,}) = "
         f"skills {counts['skills']:,} + task router {counts['task_router']:,} + "
-        f"skill routers {counts['skill_router']:,}"
+        f"skill routers {counts['skill_router']:,} (routers: +{extra:.2f}% over the skills)"
     )
 
 

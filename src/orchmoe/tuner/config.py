@@ -66,6 +66,16 @@ class OrchMoEConfig(PeftConfig):
     init_weights: bool = field(
         default=True, metadata={"help": "Initialise every skill's B to zero (the adapted model starts as the base)."}
     )
+    allocation: str = field(
+        default="diagonal",
+        metadata={
+            "help": "The Skill Router's allocation. 'diagonal' (the paper's): a learned task-skill matrix Z (T x S), "
+            "each abstract task reweighting the S skills, relaxed with Gumbel-softmax while training. 'mixing': a "
+            "matrix M_t (S*r x S*r) per abstract task and module, initialised to the identity (exactly a LoRA of "
+            "rank S*r at the start), no noise; it adds T*(S*r)^2 parameters per module (temperature and noise_scale "
+            "do not apply)."
+        },
+    )
     temperature: float = field(
         default=1.0, metadata={"help": "Temperature tau of the Skill Router relaxation: softmax((Z + g) / tau)."}
     )
@@ -115,6 +125,8 @@ class OrchMoEConfig(PeftConfig):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"OrchMoEConfig.{name} must be an integer >= 1, got {value!r}.")
+        if self.allocation not in ("diagonal", "mixing"):
+            raise ValueError(f"OrchMoEConfig.allocation must be 'diagonal' or 'mixing', got {self.allocation!r}.")
         if self.temperature <= 0:
             raise ValueError(f"OrchMoEConfig.temperature must be > 0, got {self.temperature!r}.")
         if self.noise_scale < 0:

@@ -1,14 +1,15 @@
 """The adapted linear layer: a pool of S LoRA skills mixed per example (paper eq. 3).
 
-    h = W0 x + scaling * sum_j alpha_j B_j A_j x
+    h = W0 x + scaling * sum_j alpha_j B_j A_j x = W0 x + scaling * B_cat op(w) A_cat x
 
-computed as ONE low-rank product with a per-example diagonal (no loop over skills)::
+computed as ONE low-rank product with a per-example operator between A_cat and B_cat (no loop over skills)::
 
     u  = x A_cat^T                      # (B, T_seq, S*r)
-    u  = u * repeat(alpha, r)           # (B, T_seq, S*r)
+    u  = op(w) u                        # (B, T_seq, S*r): diag(repeat(alpha, r)) u, or the mixing matrix's product
     dh = scaling * u B_cat^T            # (B, T_seq, out)
 
-so its cost is that of one LoRA of rank S*r plus an elementwise product.
+so its cost is that of one LoRA of rank S*r plus an elementwise product (the diagonal allocation) or an
+(S*r x S*r) product per token (the mixing allocation).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from .config import OrchMoEConfig
-from .router import SkillRouter, TaskRouter
+from .router import ALLOCATIONS, TaskRouter
 from .routing import RoutingSlot
 
 
@@ -56,7 +57,7 @@ class OrchMoELayer(BaseTunerLayer):
         self.scaling: dict[str, float] = {}
         self.orchmoe_A = nn.ParameterDict()  # A_cat: (S*r, in)
         self.orchmoe_B = nn.ParameterDict()  # B_cat: (out, S*r)
-        self.orchmoe_skill_router = nn.ModuleDict()  # Z of this module
+        self.orchmoe_skill_router = nn.ModuleDict()  # this module's allocation: Z, or the mixing matrices
         self.orchmoe_task_router = nn.ModuleDict()  # only on the adapter's first layer
         self.orchmoe_dropout = nn.ModuleDict()
         self.routing_slot = RoutingSlot()  # replaced by the tuner's shared slot
@@ -75,7 +76,7 @@ class OrchMoELayer(BaseTunerLayer):
         self.orchmoe_A[adapter_name] = nn.Parameter(torch.empty(s * r, self.in_features))
         self.orchmoe_B[adapter_name] = nn.Parameter(torch.empty(self.out_features, s * r))
         self.orchmoe_dropout[adapter_name] = nn.Dropout(config.lora_dropout) if config.lora_dropout else nn.Identity()
-        self.orchmoe_skill_router[adapter_name] = SkillRouter(config)
+        self.orchmoe_skill_router[adapter_name] = ALLOCATIONS[config.allocation](config)
         self.reset_parameters(adapter_name, config.init_weights)
         self._move_adapter_to_device_of_base_layer(adapter_name)
         self.set_adapter(self.active_adapters, inference_mode=inference_mode)
@@ -94,28 +95,28 @@ class OrchMoELayer(BaseTunerLayer):
         else:
             nn.init.kaiming_uniform_(self.orchmoe_B[adapter_name], a=math.sqrt(5))
 
-    def layer_weights(self, adapter_name: str, skill_weights: torch.Tensor) -> torch.Tensor:
-        """The skill weights as the diagonal this layer multiplies by: alpha (B', S) -> repeat(alpha, r) (B', S*r);
-        an already expanded (B', S*r) passes through."""
-        r, s = self.r[adapter_name], self.n_skills[adapter_name]
-        return skill_weights if skill_weights.shape[-1] == s * r else skill_weights.repeat_interleave(r, dim=-1)
+    def layer_weights(self, adapter_name: str, op: torch.Tensor) -> torch.Tensor:
+        """The allocation's output in the form this layer multiplies by: alpha (B', S) -> repeat(alpha, r) (B', S*r)
+        for the diagonal allocation, the mixed matrices (B', S*r, S*r) as they are."""
+        return self.orchmoe_skill_router[adapter_name].expand(op, self.r[adapter_name])
 
     def skill_delta(self, adapter_name: str, x: torch.Tensor, skill_weights: torch.Tensor) -> torch.Tensor:
-        """scaling * sum_j alpha_j B_j A_j x for x (B, *, in) and alpha (B', S) or repeat(alpha, r) (B', S*r), with B a
-        multiple of B' (generate expands each example for beams / num_return_sequences with repeat_interleave)."""
+        """scaling * B_cat op A_cat x for x (B, *, in) and the routing operator (B', ...) as ``mix`` or
+        ``layer_weights`` give it, with B a multiple of B' (generate expands each example for beams /
+        num_return_sequences with repeat_interleave)."""
         a, b = self.orchmoe_A[adapter_name], self.orchmoe_B[adapter_name]
-        diag = self.layer_weights(adapter_name, skill_weights)  # (B', S*r)
+        op = self.layer_weights(adapter_name, skill_weights)  # (B', S*r) or (B', S*r, S*r)
         batch = x.shape[0]
-        if diag.shape[0] != batch:
-            if batch % diag.shape[0]:
+        if op.shape[0] != batch:
+            if batch % op.shape[0]:
                 raise ValueError(
-                    f"OrchMoE skill weights are for {diag.shape[0]} examples but the layer input has batch size "
+                    f"OrchMoE skill weights are for {op.shape[0]} examples but the layer input has batch size "
                     f"{batch}, which is not a multiple of it."
                 )
-            diag = diag.repeat_interleave(batch // diag.shape[0], dim=0)  # (B, S*r)
-        diag = diag.to(a.dtype).view(batch, *([1] * (x.dim() - 2)), a.shape[0])  # (B, 1.., S*r)
+            op = op.repeat_interleave(batch // op.shape[0], dim=0)  # (B, ...)
         u = F.linear(self.orchmoe_dropout[adapter_name](x.to(a.dtype)), a)  # (B, T_seq, S*r)
-        return F.linear(u * diag, b) * self.scaling[adapter_name]  # (B, T_seq, out)
+        u = self.orchmoe_skill_router[adapter_name].apply(u, op.to(a.dtype))  # (B, T_seq, S*r)
+        return F.linear(u, b) * self.scaling[adapter_name]  # (B, T_seq, out)
 
 
 class Linear(nn.Module, OrchMoELayer):

@@ -4,8 +4,9 @@ How routing flows, once per ``forward`` or ``generate`` call:
 
 1. The active adapter's Task Router (hosted by its first OrchMoE layer) reads the prompt (``routing_mask``, else
    ``attention_mask``) and gives abstract-task weights w (B, T).
-2. Every OrchMoE layer's allocation Z turns w into skill weights alpha (B, S), all layers in one vectorised call,
-   expanded once to the form the layer multiplies by.
+2. Every OrchMoE layer's allocation turns w into its routing operator (skill weights alpha (B, S) for the paper's
+   diagonal allocation Z, sum_t w_t M_t for the mixing one), all layers in one vectorised call, expanded once to the
+   form the layer multiplies by.
 3. The result is published in the routing slot shared by the layers (``orchmoe.tuner.routing``); it is held by the
    call, and in training by the call's autograd graph, so gradient checkpointing recomputes layers with the same
    routing; the model itself holds only a weak reference. ``generate`` routes from the prompt before prefill and
@@ -50,7 +51,8 @@ class Routing:
     """What the routers decided for a batch: abstract-task weights and every module's skill weights."""
 
     task_weights: torch.Tensor  # (B, T), rows sum to 1
-    skill_weights: dict[str, torch.Tensor] = field(default_factory=dict)  # module name -> (B, S)
+    # module name -> skill weights (B, S) (diagonal allocation) or mixed matrices (B, S*r, S*r) (mixing allocation)
+    skill_weights: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 class OrchMoEModel(BaseTuner):
@@ -178,19 +180,20 @@ class OrchMoEModel(BaseTuner):
         return self.task_router()(embeds, mask, deterministic=deterministic)  # (B, T)
 
     def skill_weights(self, task_weights: torch.Tensor, stochastic: bool) -> dict[str, torch.Tensor]:
-        """Per-module skill weights alpha (B, S) for abstract-task weights w (B, T).
+        """Per-module routing operators for abstract-task weights w (B, T): skill weights alpha (B, S) for the
+        diagonal allocation, the mixed matrices sum_t w_t M_t (B, S*r, S*r) for the mixing one.
 
-        All modules' allocations are relaxed in one vectorised call, z (M, T, S) with one Gumbel draw per call for
-        the whole batch while training, and alpha = S * w z (M, B, S).
+        All modules' allocations are computed in one vectorised call: for the diagonal, z (M, T, S) relaxed with one
+        Gumbel draw per call for the whole batch while training, and alpha = S * w z (M, B, S).
         """
         adapter = self._adapter
         routers = {name: layer.orchmoe_skill_router[adapter] for name, layer in self.orchmoe_layers(adapter)}
         if not routers:
             return {}
         first = next(iter(routers.values()))
-        logits = torch.stack([r.logits for r in routers.values()])  # (M, T, S)
-        alpha = first.mix(task_weights, stochastic, logits)  # (M, B, S)
-        return dict(zip(routers, alpha.unbind(0), strict=True))
+        weight = torch.stack([r.weight for r in routers.values()])  # (M, T, S) or (M, T, S*r, S*r)
+        ops = first.mix(task_weights, stochastic, weight)  # (M, B, S) or (M, B, S*r, S*r)
+        return dict(zip(routers, ops.unbind(0), strict=True))
 
     def routing(
         self,
@@ -329,14 +332,15 @@ class OrchMoEModel(BaseTuner):
     # ----------------------------------------------------------------------------------------------- parameters
     def router_parameters_by_kind(self) -> dict[str, list[nn.Parameter]]:
         """The active adapter's router parameters, the objects themselves: ``task_router`` (W_task, b) and
-        ``allocation`` (every layer's Z). Optimizer groups, parameter counts and gradient norms select by these."""
+        ``allocation`` (every layer's Z, or its mixing matrices). Optimizer groups, parameter counts and gradient
+        norms select by these."""
         adapter = self._adapter
         allocation = [p for _, layer in self.orchmoe_layers(adapter)
                       for p in layer.orchmoe_skill_router[adapter].parameters()]  # fmt: skip
         return {"task_router": list(self.task_router(adapter).parameters()), "allocation": allocation}
 
     def router_parameters(self) -> list[nn.Parameter]:
-        """Router parameters (W_task, b, allocation logits Z): they get their own learning rate."""
+        """Router parameters (W_task, b, every layer's allocation): they get their own learning rate."""
         return [p for params in self.router_parameters_by_kind().values() for p in params]
 
     def parameter_counts(self) -> dict[str, int]:
