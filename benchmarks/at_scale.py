@@ -1,4 +1,4 @@
-"""The routing claim at scale: OrchMoE against LoRA, Poly and MHR on ../shared/sni-full (protocol in BENCHMARKS.md,
+"""The routing claim at scale: OrchMoE against LoRA, Poly and MHR on ../shared/sni-full (protocol in benchmarks/LOG.md,
 "At scale on sni-full", fixed before any run).
 
     python benchmarks/at_scale.py run --data-dir ../shared/sni-full --protocol families   # the next runs, in order
@@ -43,6 +43,7 @@ from typing import Any
 import paired
 import router_measures
 
+from orchmoe.pipeline import common
 from orchmoe.pipeline.config import RunConfig, read_config_file
 
 ROOT = Path(__file__).resolve().parent
@@ -61,21 +62,25 @@ N_VAL = {"sni-100": 4}  # validation instances per training task (the protocol's
 SEEDS = (0, 1, 2)
 # each method's learning-rate grid: its validated lr (sni-10, 40 steps) first, then a third of it (6x the steps here)
 GRID = {"orchmoe": (3e-3, 1e-3), "lora": (3e-3, 1e-3), "poly": (1e-2, 3e-3), "mhr": (3e-3, 1e-3)}
-# the two pre-registered remedies for an allocation that does not move (BENCHMARKS.md): OrchMoE variants
+# the two pre-registered remedies for an allocation that does not move (benchmarks/LOG.md): OrchMoE variants
 REMEDIES: dict[str, dict[str, Any]] = {
     "orchmoe-alloc": {"allocation_lr": 0.1},  # Z at mttl's module_logits_learning_rate
     "orchmoe-alloc-fade": {"allocation_lr": 0.1, "noise_scale_end": 0.0},  # and the Gumbel noise faded to 0
 }
 ORDER = ("orchmoe", "lora", "poly", "mhr")
-# the mixing allocation (issue 41, BENCHMARKS.md "sni-100 and the mixing allocation": pre-registered): its own lr
+# the mixing allocation (benchmarks/LOG.md "sni-100 at scale and the mixing allocation": pre-registered): its own lr
 # grid at seed 0 on families (OrchMoE's), then 3 seeds at the chosen lr on families and sni-100. Its mixing matrices
 # add 5.0 % to the adapters' parameters on Gemma 3 270M (over the 1 % the protocol allows without a control), so
 # LoRA at the rank that matches its total (17 against 16) runs beside it at LoRA's chosen lr, 3 seeds each.
 MIX = "orchmoe-mix"
 CONTROL = "lora-r17"
+# families' OrchMoE and LoRA were made on an earlier stack (transformers 5.23 / 5.24) than the mixing allocation's runs:
+# OrchMoE at its chosen lr, seed 0, again on the new stack, says how far the stack alone moves a run
+RERUN = "orchmoe-rerun"
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     MIX: ("orchmoe", {"allocation": "mixing"}),
     CONTROL: ("lora", {"n_skills": 17, "r": 1}),  # LoRA's rank is n_skills * r
+    RERUN: ("orchmoe", {}),
 }
 GRID[MIX] = GRID["orchmoe"]
 # a protocol with its learning rates fixed in advance, no grid: families-gpu (benchmarks/gpu.py, 10x the families
@@ -123,6 +128,8 @@ def chosen_lr(protocol: str, method: str) -> float | None:
         return FIXED_LRS[protocol].get(method)
     if method == CONTROL:  # the control runs at LoRA's lr
         return chosen_lr(protocol, "lora")
+    if method == RERUN:
+        return chosen_lr(protocol, "orchmoe")
     if protocol in BORROWED:
         return chosen_lr(BORROWED[protocol][method], method)
     scores = {lr: validation_score(protocol, slug(method, lr, 0)) for lr in GRID[method]}
@@ -157,6 +164,8 @@ def mix_plan(protocol: str) -> tuple[list[Planned], list[str]]:
     """The mixing allocation (its lr grid at seed 0 first where the protocol has grids), then seed by seed the mixing
     allocation and LoRA at the matching rank."""
     runs = [variant_run(MIX, lr, 0) for lr in GRID[MIX]] if protocol not in BORROWED else []
+    rerun_lr = chosen_lr(protocol, "orchmoe") if protocol not in BORROWED else None
+    runs = ([variant_run(RERUN, rerun_lr, 0)] if rerun_lr else []) + runs
     waiting = []
     lrs = {v: chosen_lr(protocol, v) for v in (MIX, CONTROL)}
     for variant, lr in lrs.items():
@@ -361,6 +370,29 @@ def router_row(name: str, r: dict[str, Any]) -> str:
     return f"| {name} | {moved} | {apart_cell} | {between} | {r['grad_ratio_median']:.4f} | {nmi} | {hard} |"
 
 
+STACK = common.STACK
+EARLIER_STACK = "transformers 5.23 / 5.24 (before runs recorded their versions)"
+
+
+def stack(protocol: str, name: str) -> str:
+    """The stack a finished run was made on, as its data.json records it (the packages whose versions can move
+    results), or the earlier stack for runs made before versions were recorded."""
+    data = json.loads((RESULTS / protocol / name / "data.json").read_text())
+    versions = data.get("versions_at_start", data.get("versions"))
+    if not versions:
+        return EARLIER_STACK
+    return ", ".join(f"{k} {versions[k]}" for k in STACK if k in versions)
+
+
+def stack_note(protocol: str, a: tuple[str, float], b: tuple[str, float], seeds: list[int]) -> list[str]:
+    """A line when the paired runs of A and B were not all made on one stack (none when they were)."""
+    stacks = {run: {stack(protocol, slug(*run, s)) for s in seeds} for run in (a, b)}
+    if len(stacks[a] | stacks[b]) <= 1:
+        return []
+    said = "; ".join(f"{slug(*run, 0).rsplit('-seed', 1)[0]}: {' | '.join(sorted(s))}" for run, s in stacks.items())
+    return [f"Paired across stacks ({said}).", ""]
+
+
 def seed_pairs(
     scores: dict[str, dict[str, Any]], a: tuple[str, float], b: tuple[str, float]
 ) -> tuple[dict[int, paired.Scores], dict[int, paired.Scores]]:
@@ -403,6 +435,7 @@ def paired_lines(
         a, b = seed_pairs(scores, (variant, own_lr), ("lora", lora_lr)) if lora_lr else ({}, {})
         if a:
             lines += [f"{variant} (A) minus LoRA (B), test:", "", *paired.difference_table(a, b), ""]
+            lines += stack_note(protocol, (variant, own_lr), ("lora", lora_lr), list(a))
         runs = {s: slug(variant, own_lr, s) for s in SEEDS if slug(variant, own_lr, s) in scores}
         ruled = variant in REMEDIES or variant == MIX
         base = {s: slug("orchmoe", lr, s) for s in runs if ruled and slug("orchmoe", lr, s) in scores}
@@ -411,7 +444,20 @@ def paired_lines(
             lines += [f"{variant} minus OrchMoE, validation R-L at seeds {list(base)}: "
                       + ", ".join(f"{d:+.2f}" for d in diffs)
                       + f" (above at {sum(d > 0 for d in diffs)}; the rule needs all of {len(SEEDS)})", ""]  # fmt: skip
-    return lines
+    return lines + rerun_lines(scores, val, lr, protocol)
+
+
+def rerun_lines(scores: dict[str, dict[str, Any]], val: dict[str, float], lr: float, protocol: str) -> list[str]:
+    """How far the same run (OrchMoE, seed 0) moves from one stack to the other: the rerun minus the original."""
+    new, old = slug(RERUN, lr, 0), slug("orchmoe", lr, 0)
+    if new not in scores or old not in scores:
+        return []
+    moved = [f"val {val[new] - val[old]:+.2f}"] + [
+        f"{s} {scores[new][s]['macro']['rougeL'] - scores[old][s]['macro']['rougeL']:+.2f}"
+        for s in SETS if s in scores[new] and s in scores[old]
+    ]  # fmt: skip
+    return [f"The same run on two stacks ({new} on {stack(protocol, new)}; {old} on {stack(protocol, old)}), "
+            f"R-L new minus old: " + ", ".join(moved), ""]  # fmt: skip
 
 
 def only(runs: list[Planned], names: list[str]) -> list[Planned]:

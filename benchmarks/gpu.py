@@ -11,9 +11,9 @@ and the rest (results, parked checkpoints of runs cut off, logs) in one archive 
 brings back 8 files of 16 MiB. Here, `python benchmarks/gpu.py --unpack DIR` puts a returned folder back into
 benchmarks/results/sni-full/families-gpu, to commit. Budget: 9.5 minutes of wall time.
 
-Protocol (BENCHMARKS.md records it with the results; amended 2026-12-04 after the first device session, before any
+Protocol (benchmarks/LOG.md records it with the results; amended 2026-12-04 after the first device session, before any
 run finished: fp32 instead of bf16, checkpoints parked across calls, at scale before speed):
-- at scale (fp32, Gemma 3 270M; `at_scale.py --protocol families-gpu`, BENCHMARKS.md "At scale on the GPU"): the
+- at scale (fp32, Gemma 3 270M; `at_scale.py --protocol families-gpu`, benchmarks/LOG.md "At scale on the GPU"): the
   families protocol of ../shared/sni-full at 10x its optimizer steps (2,600 of batch 8, one epoch, no example seen
   twice), each method at the lr the families protocol chose on validation, seeds 0, 1, 2; a seed's four methods run
   as parallel processes while MIN_WAVE seconds are left; a run cut off is parked at its last checkpoint (every 100

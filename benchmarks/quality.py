@@ -40,7 +40,7 @@ from orchmoe.pipeline.trainer import train
 # the routers at the adapters' learning rate (default: 10x), "orchmoe-t16" has 16 abstract tasks instead of 4,
 # "orchmoe-router1-tau4" is orchmoe-router1 at temperature 4. Variants of options since removed from the library
 # (Z's init range, one Z shared by all modules, router on layer 6, parameter mixing, one draw per example, the
-# Gumbel-sigmoid ablation) are in BENCHMARKS.md with their results; they ran at commit 637b08f.
+# Gumbel-sigmoid ablation) are in benchmarks/LOG.md with their results; they ran at commit 637b08f.
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "orchmoe": ("orchmoe", {}),
     "orchmoe-tau4": ("orchmoe", {"temperature": 4.0}),

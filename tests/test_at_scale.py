@@ -389,3 +389,24 @@ def test_the_control_is_the_lora_rank_nearest_the_mixing_allocations_total_on_ge
     assert loras[17] == 783_360 and min(loras, key=lambda k: abs(loras[k] - counts["trainable"])) == 17
     _, changes = at_scale.VARIANTS[at_scale.CONTROL]
     assert changes["n_skills"] * changes["r"] == 17
+
+
+def test_a_pairing_across_stacks_says_so(results: Path) -> None:
+    for method in ("orchmoe", "lora"):
+        scored(results, f"{method}-lr0.001-seed0", 30.0, 30.0)
+        scored(results, f"{method}-lr0.003-seed0", 20.0, 20.0)
+    assert "Paired across stacks" not in at_scale.report("families")  # both on the earlier stack
+    versions = {"torch": "2.13.0", "transformers": "5.25.0", "peft": "0.21.2", "trl": "1.16.0", "accelerate": "1.16.0"}
+    (results / "families" / "orchmoe-lr0.001-seed0" / "data.json").write_text(json.dumps({"versions": versions}))
+    text = at_scale.report("families")
+    assert "Paired across stacks (orchmoe-lr0.001: torch 2.13.0, transformers 5.25.0" in text
+    assert f"lora-lr0.001: {at_scale.EARLIER_STACK}" in text
+
+
+def test_the_rerun_on_the_new_stack_reports_how_far_the_stack_moves_a_run(results: Path) -> None:
+    for method in ("orchmoe", "lora"):
+        scored(results, f"{method}-lr0.001-seed0", 30.0, 30.0)
+        scored(results, f"{method}-lr0.003-seed0", 20.0, 20.0)
+    scored(results, "orchmoe-rerun-lr0.001-seed0", 31.0, 29.5)
+    text = at_scale.report("families")
+    assert "R-L new minus old: val +1.00, seen -0.50, held_out -0.50, unseen -0.50" in text

@@ -1,4 +1,5 @@
-"""The benchmark scripts run end to end on a tiny model (their figures live in BENCHMARKS.md, not here)."""
+"""The benchmark scripts run end to end on a tiny model (their figures live in BENCHMARKS.md and benchmarks/LOG.md,
+not here)."""
 
 from __future__ import annotations
 

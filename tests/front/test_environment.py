@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from orchmoe.front import resolve_vllm
-from orchmoe.front.environment import default_environment, setup_commands
+from orchmoe.front.environment import CPU_LOCK, CPU_PACKAGES, default_environment, setup_commands
 
 
 @pytest.mark.parametrize(
@@ -44,3 +44,14 @@ def test_serve_finds_vllm_on_path_then_in_the_setup_environment(tmp_path: Path, 
     assert resolve_vllm("http://127.0.0.1:9") == "http://127.0.0.1:9"
     with pytest.raises(FileNotFoundError, match="no vLLM executable '/no/vllm'"):
         resolve_vllm("/no/vllm")
+
+
+@pytest.mark.parametrize("locked", [True, False])
+def test_vllms_cpu_build_installs_from_its_lock_unless_unlocked(tmp_path: Path, locked: bool) -> None:
+    install = setup_commands(tmp_path / "env", gpu=False, locked=locked)[2]
+    assert (["-c", str(CPU_LOCK)] == install[-4:-2]) == locked
+    pins = dict(line.split("==") for line in CPU_LOCK.read_text().splitlines() if "==" in line)
+    for package in CPU_PACKAGES:  # the lock holds what serve-setup asks for, and what they pull in
+        name, version = package.split("==")
+        assert pins[name] == version
+    assert {"transformers", "tokenizers", "fastapi"} <= set(pins)

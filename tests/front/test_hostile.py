@@ -6,7 +6,7 @@ on, and half-sent requests left open.
 Asserts: no 5xx for any client error; the front's peak resident memory under ``FRONT_PEAK_MB``; a short request's
 latency while a long prompt is refused under ``SHORT_DURING_LONG_S``; vLLM never restarted by a client; afterwards the
 server answers as OrchMoE's hard-routed generate. With ``ORCHMOE_HOSTILE_REPORT=FILE`` the figures (requests,
-refusals, p50 / p99, peak memory) are written to FILE as JSON (BENCHMARKS.md, "orchmoe serve under hostile
+refusals, p50 / p99, peak memory) are written to FILE as JSON (benchmarks/LOG.md, "orchmoe serve under hostile
 traffic")."""
 
 from __future__ import annotations

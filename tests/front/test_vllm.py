@@ -27,7 +27,7 @@ from orchmoe.serving import PromptRouter
 from .conftest import PROMPTS, Served, chat_ids, orchmoe_route
 
 ROOT = Path(__file__).resolve().parents[2]
-SERVE_PYTHON = ROOT / "build" / "serve-venv" / "bin" / "python"
+SERVE_PYTHON = Path(os.environ.get("ORCHMOE_SERVE_PYTHON", ROOT / "build" / "serve-venv" / "bin" / "python"))
 needs_vllm = pytest.mark.skipif(not SERVE_PYTHON.is_file(), reason="no serving environment (make serve-env)")
 VLLM_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1"}  # GiB of KV cache: vLLM's CPU default is sized for real models
 VLLM_ARGS = ["--dtype", "float32", "--max-model-len", "256", "--enforce-eager", "--seed", "0"]

@@ -47,6 +47,16 @@ def test_train_eval_compare(tmp_path: Path) -> None:
     assert len(set(adapters.values())) == 1  # parity
     report = (tmp_path / "c" / "results.md").read_text()
     assert "| orchmoe |" in report and "purity" in report
+    # the first lines say what the run is, where the verdict is, and each difference to LoRA with its interval
+    head = report.splitlines()[:12]
+    assert "One seed (0) on the built-in suite" in head[2] and "BENCHMARKS.md" in head[2]
+    for method in ("orchmoe", "poly", "mhr"):
+        for split in ("seen", "unseen"):
+            d = results["differences_to_lora"][method][split]
+            assert d["low"] <= d["diff"] <= d["high"] and d["resolved"] == (not d["low"] <= 0 <= d["high"])
+            line = next(x for x in head if x.startswith(f"- {method} minus LoRA, {split} ROUGE-L"))
+            assert f"{d['diff']:+.2f} [{d['low']:+.2f}, {d['high']:+.2f}]" in line and "at this test size" in line
+    assert set(results["intervals"]) == {"orchmoe", "lora", "poly", "mhr"}
     for figure in ("rouge.png", "loss.png", "allocation.png", "routing.png"):
         assert (tmp_path / "c" / figure).stat().st_size > 1000
 

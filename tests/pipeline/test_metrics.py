@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from orchmoe.pipeline import metrics
 from orchmoe.pipeline.metrics import normalize_answer, routing_agreement, score, score_example
 
 
@@ -63,3 +64,44 @@ def test_routing_agreement(
         assert got["nmi"] == pytest.approx(nmi, abs=1e-9)
     else:
         assert 0 < got["nmi"] < 1
+
+
+def noisy_scores(seed: int, tasks: int = 10, per_task: int = 10, shift: float = 0.0) -> dict[tuple[str, str], float]:
+    rng = np.random.default_rng(seed)
+    return {(f"task{t}", str(i)): float(np.clip(rng.normal(40 + 3 * t + shift, 25), 0, 100))
+            for t in range(tasks) for i in range(per_task)}  # fmt: skip
+
+
+def test_a_difference_zero_by_construction_has_an_interval_that_holds_zero() -> None:
+    """b: a's scores shuffled within each task (the same per-task means, so the macro difference is exactly 0, while
+    every example differs)."""
+    a = noisy_scores(0)
+    rng = np.random.default_rng(1)
+    b = {}
+    for task in sorted({t for t, _ in a}):
+        keys = [k for k in a if k[0] == task]
+        for key, other in zip(keys, rng.permutation(keys), strict=True):
+            b[key] = a[tuple(other)]
+    diff, low, high = metrics.macro_interval(a, b)
+    assert diff == pytest.approx(0.0, abs=1e-9) and low < 0 < high and high - low > 2.0
+
+
+@pytest.mark.parametrize(("shift", "resolved"), [(15.0, True), (0.5, False)])
+def test_a_planted_difference_is_resolved_only_when_larger_than_the_noise(shift: float, resolved: bool) -> None:
+    b = noisy_scores(0)
+    rng = np.random.default_rng(2)
+    a = {k: v + shift + rng.normal(0, 10) for k, v in b.items()}  # every example `shift` higher, plus noise
+    diff, low, high = metrics.macro_interval(a, b)
+    assert low < diff < high and (not low <= 0 <= high) == resolved
+
+
+def test_the_bootstrapped_macro_is_the_macro_the_scores_report() -> None:
+    rows = [{"task": f"t{i % 3}", "id": i, "prediction": "the cat sat" if i % 2 else "a dog", "references": ["the cat"]}
+            for i in range(12)]  # fmt: skip
+    value, low, high = metrics.macro_interval(metrics.example_scores(rows))
+    reported = metrics.score(
+        [r["prediction"] for r in rows], [r["references"] for r in rows], [r["task"] for r in rows]
+    )
+    assert value == pytest.approx(reported["macro"]["rougeL"]) and low <= value <= high
+    with pytest.raises(ValueError, match="same test examples"):
+        metrics.macro_interval(metrics.example_scores(rows), metrics.example_scores(rows[:-1]))

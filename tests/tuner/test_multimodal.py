@@ -135,3 +135,28 @@ def test_generate_with_images_is_per_example(name: str, method: str) -> None:
     if method == "orchmoe":  # and the examples were routed apart
         weights = orchmoe.routing(model, batch).task_weights
         assert not torch.allclose(weights[0], weights[1], atol=1e-3)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_all_linear_adapts_the_language_models_linear_layers_as_lora_does_and_leaves_the_towers_out(name: str) -> None:
+    """peft's LoRA with ``all-linear`` (the control) adapts every linear layer but the output head, towers included;
+    OrchMoE adapts exactly LoRA's layers inside the language model, and says once that it leaves the others out."""
+    lora = wrapped(name, "lora", targets="all-linear")
+    lora_layers = {n.removeprefix("base_model.model.") for n, m in lora.named_modules() if hasattr(m, "lora_A")
+                   and "default" in m.lora_A}  # fmt: skip
+    prefix = "model.language_model."
+    assert any(not n.startswith(prefix) for n in lora_layers)  # LoRA adapts the towers: the control is not empty
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = wrapped(name, targets="all-linear")
+    adapted = {n for n, _ in orchmoe.get_tuner(model).orchmoe_layers()}
+    assert adapted == {n for n in lora_layers if n.startswith(prefix)} and len(adapted) >= 14
+    said = [str(w.message) for w in caught if "adapts the language model only" in str(w.message)]
+    assert len(said) == 1 and str(len(lora_layers) - len(adapted)) in said[0]
+    batch = images(name)
+    labels = batch["input_ids"].clone()
+    labels[:, :-2] = -100
+    model.train()
+    model(**batch, labels=labels).loss.backward()  # trains, routed from the prompt
+    layers = orchmoe.get_tuner(model).orchmoe_layers()
+    assert all(layer.orchmoe_A["default"].grad.abs().sum() > 0 for _, layer in layers)

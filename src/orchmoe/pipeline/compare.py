@@ -10,10 +10,10 @@ from typing import Any
 
 import numpy as np
 
-from . import plots
-from .common import prepare_run_dir, resolve_data_dir, write_json
+from . import metrics, plots
+from .common import prepare_run_dir, resolve_data_dir, stack_versions, write_json
 from .config import RunConfig
-from .evaluate import METRICS, evaluate_run
+from .evaluate import METRICS, PREDICTIONS, evaluate_run
 from .methods import METHOD_OBJECTS, ParamCounts, check_parity
 from .trainer import LOG_FILE, train
 
@@ -62,17 +62,57 @@ def compare(
         result["timing"] = json.loads((run / "timing.json").read_text())
         results[method] = result
     check_parity({m: ParamCounts(**r["parameters"]) for m, r in results.items()})
-    summary = {"config": cfg.to_dict(), "methods": results, "seconds": round(time.time() - began, 1)}
+    intervals, differences = uncertainty(out, list(results))
+    summary = {"config": cfg.to_dict(), "methods": results, "seconds": round(time.time() - began, 1),
+               "versions": stack_versions(), "intervals": intervals, "differences_to_lora": differences}  # fmt: skip
     write_json(out / "results.json", summary)
-    figures = _plots(out, results, cfg)
-    report = _markdown(cfg, results, figures, summary["seconds"], out)
+    figures = _plots(out, results, cfg, intervals)
+    report = _markdown(cfg, results, figures, summary["seconds"], out, differences)
     (out / "results.md").write_text(report)
     return report
 
 
-def _plots(out: Path, results: dict[str, Any], cfg: RunConfig) -> list[str]:
+SETS = ("seen", "unseen")
+
+
+def uncertainty(out: Path, methods: list[str]) -> tuple[dict, dict]:
+    """From each method's predictions: every method's macro ROUGE-L per test set with its 95 % interval, and each
+    method's paired difference to LoRA with its interval and whether the test set resolves it (the interval leaves
+    out 0); both from a bootstrap over test examples within tasks (``metrics.macro_interval``)."""
+    scores = {}
+    for method in methods:
+        rows = [json.loads(line) for line in (out / method / PREDICTIONS).read_text().splitlines() if line.strip()]
+        scores[method] = {s: metrics.example_scores([r for r in rows if r["set"] == s]) for s in SETS}
+    intervals = {m: {s: list(metrics.macro_interval(v)) for s, v in by_set.items() if v}
+                 for m, by_set in scores.items()}  # fmt: skip
+    differences: dict[str, dict[str, dict[str, Any]]] = {}
+    for method in methods:
+        if method == "lora" or "lora" not in scores:
+            continue
+        for s in SETS:
+            if scores[method][s]:
+                diff, low, high = metrics.macro_interval(scores[method][s], scores["lora"][s])
+                n = len(scores[method][s])
+                differences.setdefault(method, {})[s] = {"diff": diff, "low": low, "high": high, "examples": n,
+                                                         "resolved": not low <= 0.0 <= high}  # fmt: skip
+    return intervals, differences
+
+
+def difference_lines(differences: dict[str, dict[str, dict[str, Any]]]) -> list[str]:
+    """One line per comparison: the difference to LoRA, its interval, and whether this test size resolves it."""
+    lines = []
+    for method, by_set in differences.items():
+        for s, d in by_set.items():
+            verdict = (f"resolved at this test size ({'ahead' if d['diff'] > 0 else 'behind'})" if d["resolved"]
+                       else "not resolved at this test size: the interval holds 0")  # fmt: skip
+            lines.append(f"- {method} minus LoRA, {s} ROUGE-L: {d['diff']:+.2f} [{d['low']:+.2f}, {d['high']:+.2f}] "
+                         f"over {d['examples']} examples: {verdict}.")  # fmt: skip
+    return lines
+
+
+def _plots(out: Path, results: dict[str, Any], cfg: RunConfig, intervals: dict | None = None) -> list[str]:
     figures = ["rouge.png", "loss.png"]
-    plots.rouge_bars(results, out / "rouge.png")
+    plots.rouge_bars(results, out / "rouge.png", intervals)
     logs = {m: [json.loads(line) for line in (out / m / LOG_FILE).read_text().splitlines()] for m in results}
     plots.loss_curves(logs, out / "loss.png")
     if "orchmoe" in results:
@@ -97,13 +137,26 @@ def lr_text(cfg: RunConfig) -> str:
     if cfg.lr is not None:
         return f"{cfg.lr:g}"
     validated = ", ".join(f"{name} {method.validated_lr:g}" for name, method in METHOD_OBJECTS.items())
-    return f"each method's validated one ({validated}; BENCHMARKS.md)"
+    return f"each method's validated one ({validated}; benchmarks/LOG.md)"
 
 
-def _markdown(cfg: RunConfig, results: dict[str, Any], figures: list[str], seconds: float, out: Path) -> str:
+AT_SCALE = ("The project's verdict at scale (sni-full: about 250 steps, 3 seeds, thousands of test examples; "
+            "BENCHMARKS.md, \"At scale: every method minus LoRA\"): OrchMoE trails a tuned LoRA on trained tasks and "
+            "ties it, or leads slightly, on unseen ones, and not by routing.")  # fmt: skip
+
+
+def _markdown(cfg: RunConfig, results: dict[str, Any], figures: list[str], seconds: float, out: Path,
+              differences: dict | None = None) -> str:  # fmt: skip
     data = json.loads((out / next(iter(results)) / "data.json").read_text())
+    what = "the built-in suite" if cfg.data_dir and Path(cfg.data_dir).name == "suite" else f"`{cfg.data_dir}`"
     lines = [
         "# OrchMoE vs baselines",
+        "",
+        f"**One seed ({cfg.seed}) on {what}, a few test examples per task: a demonstration, not a verdict.** Each "
+        "difference to LoRA below carries a 95 % interval (paired bootstrap over the test examples, within tasks); "
+        "one the interval does not resolve is noise at this test size. " + AT_SCALE,
+        "",
+        *difference_lines(differences or {}),
         "",
         f"Model `{cfg.model}`, data `{cfg.data_dir}` (split `{cfg.split}`), seed {cfg.seed}: "
         f"{len(data['train_tasks'])} training tasks x {cfg.n_train} instances, {cfg.n_test} test instances per task, "

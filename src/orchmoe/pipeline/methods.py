@@ -35,7 +35,7 @@ class Method:
     """What one method does differently in the harness; everything else is shared. One instance per method."""
 
     name: str
-    validated_lr: float  # the default learning rate, chosen on validation (BENCHMARKS.md)
+    validated_lr: float  # the default learning rate, chosen on validation (benchmarks/LOG.md)
 
     def peft_config(self, targets: list[str], task_type: str, cfg: RunConfig, n_train_tasks: int):
         raise NotImplementedError
@@ -108,7 +108,7 @@ class Poly(Method):
 
 
 class OrchMoE(Method):
-    name, validated_lr = "orchmoe", 3e-3  # with the routers at 1x (BENCHMARKS.md, `orchmoe-router1`)
+    name, validated_lr = "orchmoe", 3e-3  # with the routers at 1x (benchmarks/LOG.md, `orchmoe-router1`)
 
     def peft_config(self, targets: list[str], task_type: str, cfg: RunConfig, n_train_tasks: int):
         return OrchMoEConfig(

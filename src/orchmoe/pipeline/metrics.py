@@ -87,3 +87,34 @@ def routing_agreement(task_weights: np.ndarray, true_tasks: Sequence[str]) -> di
         "abstract_tasks_used": len(np.unique(assigned)),
         "collapsed": bool(len(np.unique(assigned)) == 1),
     }
+
+
+BOOTSTRAP_SAMPLES = 2000
+
+
+def example_scores(rows: Sequence[dict], metric: str = "rougeL") -> dict[tuple[str, str], float]:
+    """{(task, id): the example's score} for prediction rows (``task``, ``id``, ``prediction``, ``references``)."""
+    return {(r["task"], str(r["id"])): score_example(r["prediction"], r["references"])[metric] for r in rows}
+
+
+def macro_interval(
+    a: dict[tuple[str, str], float], b: dict[tuple[str, str], float] | None = None, samples: int = BOOTSTRAP_SAMPLES,
+    seed: int = 0, level: float = 0.95,
+) -> tuple[float, float, float]:  # fmt: skip
+    """A macro score (the mean over tasks of per-task means), or with ``b`` the paired difference a - b, and its
+    ``level`` percentile interval from a bootstrap over the test examples, resampled within tasks (as the macro
+    averages them: every task keeps its count) and paired (the same examples for a and b): (value, low, high)."""
+    keys = sorted(a) if b is None else sorted(set(a) & set(b))
+    if b is not None and (len(keys) != len(a) or len(keys) != len(b)):
+        raise ValueError("a paired interval needs the same test examples for both methods.")
+    values = np.array([a[k] - (b[k] if b is not None else 0.0) for k in keys])  # (N,)
+    tasks = np.array([k[0] for k in keys])
+    rng = np.random.default_rng(seed)
+    per_task, point = [], []
+    for task in np.unique(tasks):
+        v = values[tasks == task]  # (n_t,)
+        point.append(v.mean())
+        per_task.append(v[rng.integers(0, len(v), size=(samples, len(v)))].mean(axis=1))  # (samples,)
+    macro = np.mean(per_task, axis=0)  # (samples,)
+    tail = 100 * (1 - level) / 2
+    return float(np.mean(point)), float(np.percentile(macro, tail)), float(np.percentile(macro, 100 - tail))

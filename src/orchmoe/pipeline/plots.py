@@ -20,7 +20,9 @@ from ..tuner.router import distance_from_uniform
 METRIC_LABELS = {"rouge1": "ROUGE-1", "rougeL": "ROUGE-L", "rougeLsum": "ROUGE-Lsum", "exact_match": "EM"}
 
 
-def rouge_bars(results: dict[str, Any], path: Path) -> None:
+def rouge_bars(results: dict[str, Any], path: Path, intervals: dict[str, dict[str, list[float]]] | None = None) -> None:
+    """Every score per method and test set; ``intervals`` ({method: {set: [value, low, high]}} of ROUGE-L) draws each
+    ROUGE-L bar's 95 % interval."""
     sets = [s for s in ("seen", "unseen") if any(s in r for r in results.values())]
     fig, axes = plt.subplots(1, len(sets), figsize=(5.5 * len(sets), 3.8), squeeze=False)
     methods = list(results)
@@ -28,9 +30,13 @@ def rouge_bars(results: dict[str, Any], path: Path) -> None:
     for ax, name in zip(axes[0], sets, strict=True):
         for k, (metric, label) in enumerate(METRIC_LABELS.items()):
             values = [results[m].get(name, {}).get("macro", {}).get(metric, 0.0) for m in methods]
-            ax.bar(np.arange(len(methods)) + (k - 1.5) * width, values, width, label=label)
+            found = [(intervals or {}).get(m, {}).get(name) for m in methods] if metric == "rougeL" else []
+            errors = None
+            if found and all(found):
+                errors = np.array([[v - lo, hi - v] for v, lo, hi in found]).T  # (2, methods)
+            ax.bar(np.arange(len(methods)) + (k - 1.5) * width, values, width, label=label, yerr=errors, capsize=3)
         ax.set_xticks(np.arange(len(methods)), methods)
-        ax.set_title(f"{name} tasks (macro average)")
+        ax.set_title(f"{name} tasks (macro average)" + ("; R-L with 95 % intervals" if intervals else ""))
         ax.set_ylim(0, 100)
         ax.grid(axis="y", alpha=0.3)
     axes[0][0].set_ylabel("score")

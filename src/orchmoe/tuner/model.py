@@ -40,6 +40,8 @@ from .routing import CallRouting, RoutingSlot, RoutingState, hold_in_graph, last
 from .targets import (
     check_per_example_batch,
     default_target_modules,
+    is_all_linear,
+    language_model_linear_layers,
     named_by_suffix,
     outside_language_model,
     text_module_prefix,
@@ -74,12 +76,16 @@ class OrchMoEModel(BaseTuner):
                 "does the PeftModel that get_peft_model returns call OrchMoE's forward, which routes each call."
             )
         self._text_prefix = text_module_prefix(model)  # multimodal: only the language model is per-example
+        self._left_out: list[str] = []
         if config.target_modules is None:
             config.target_modules = set(default_target_modules(model))
+        elif is_all_linear(config.target_modules) and self._text_prefix is not None:
+            # peft would expand it over the towers too (by names a tower shares, or by paths into it)
+            config.target_modules, self._left_out = language_model_linear_layers(model, self._text_prefix)
+            config.target_modules = set(config.target_modules)
         if "routing_slot" not in self.__dict__:
             self.routing_slot = RoutingSlot()
         self._task_router_pending = adapter_name  # the first layer created for this adapter hosts its Task Router
-        self._left_out: list[str] = []
         try:
             super().inject_adapter(model, adapter_name, *args, **kwargs)
         finally:
@@ -87,7 +93,7 @@ class OrchMoEModel(BaseTuner):
         if self._left_out:
             warnings.warn(
                 f"OrchMoE adapts the language model only: {len(self._left_out)} modules of a vision/audio tower or "
-                f"projector match target_modules by name and are left out (first: {self._left_out[0]!r}); their "
+                f"projector that target_modules names are left out (first: {self._left_out[0]!r}); their "
                 "batch holds images, not examples.",
                 stacklevel=3,
             )

@@ -4,16 +4,19 @@ OrchMoE gives each example its own skill weights, so an adapted module's input m
 example x beam). In a multimodal model the vision (or audio) tower and its projector run over images, not examples:
 the number of images per example varies, so no per-example routing can be mapped onto their batch. Target names
 given as suffixes (``["q_proj", "v_proj"]``, the usual form) therefore adapt the language model's modules of those
-names and leave the towers' out, saying so once; a target that names a tower module by its path, or a regex
-``target_modules`` that matches one, is refused. The output head is not a default target of any model.
+names and leave the towers' out, saying so once; ``"all-linear"`` adapts every linear layer of the language model and
+leaves the towers out, saying so once; a target that names a tower module by its path, or a regex ``target_modules``
+that matches one, is refused. The output head is not a target of any model, ``"all-linear"`` included (as in peft).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+from peft.utils import INCLUDE_LINEAR_LAYERS_SHORTHAND, TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 from torch import nn
+
+from .layer import linear_features
 
 _TOWER_CONFIGS = ("vision_config", "audio_config")
 
@@ -70,3 +73,21 @@ def default_target_modules(model: nn.Module) -> list[str]:
         for key, module in model.named_modules()
         if key.startswith(prefix + ".") and key.rsplit(".", 1)[-1] in names and isinstance(module, nn.Linear)
     )
+
+
+def is_all_linear(target_modules: Any) -> bool:
+    return isinstance(target_modules, str) and target_modules.lower() == INCLUDE_LINEAR_LAYERS_SHORTHAND
+
+
+def language_model_linear_layers(model: nn.Module, prefix: str) -> tuple[list[str], list[str]]:
+    """``"all-linear"`` in a multimodal model: (every linear layer of the language model under ``prefix``, by full
+    name; the other linear layers, of the towers and projectors, which OrchMoE leaves out). The output head is in
+    neither list: no ``all-linear`` adapts it."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    inside, outside = [], []
+    for key, module in model.named_modules():
+        if module is head or linear_features(module) is None:
+            continue
+        key = key.removesuffix(".base_layer")  # a layer an adapter already wraps: the wrapper's name
+        (inside if key.startswith(prefix + ".") else outside).append(key)
+    return inside, outside
