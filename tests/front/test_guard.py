@@ -213,3 +213,10 @@ def test_the_guard_state_is_balanced_after_refusals(client) -> None:
         t.join()
     test_client.post("/v1/completions", content=b"{", headers={"content-type": "application/json"})
     assert app.admission.in_flight == 0 and app.admission.short.waiting == 0 and app.admission.long.waiting == 0
+
+
+def test_orchmoe_serve_refuses_to_serve_beyond_loopback_without_a_key(served: Served, capsys) -> None:
+    from orchmoe.cli import main
+
+    code = main(["serve", str(served.served), "--model", str(served.base), "--host", "0.0.0.0"])
+    assert code == 2 and "--api-key" in capsys.readouterr().err

@@ -197,3 +197,25 @@ def test_the_mixing_allocation_trains_through_the_cli_and_records_its_distance(t
     data = json.loads((tmp_path / "r" / "data.json").read_text())
     assert set(data["versions"]) == {"torch", "transformers", "peft", "trl", "accelerate"}
     assert data["versions"]["torch"] == torch.__version__
+
+
+def test_compare_intervals_on_a_tiny_models_predictions(tmp_path: Path) -> None:
+    """On a tiny model's real predictions: a method that predicts what LoRA predicts (a zero difference by
+    construction) is not resolved; one that predicts every reference (a planted difference) is, ahead."""
+    from orchmoe.pipeline.compare import uncertainty
+
+    run("train", "--out", str(tmp_path / "lora"), *TINY, "--method", "lora", "--max-steps", "2")
+    run("eval", str(tmp_path / "lora"), "--quiet")
+    rows = [json.loads(line) for line in (tmp_path / "lora" / "predictions.jsonl").read_text().splitlines()]
+    for name, predict in (("same", lambda r: r["prediction"]), ("oracle", lambda r: r["references"][0])):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "predictions.jsonl").write_text(
+            "".join(json.dumps({**r, "prediction": predict(r)}) + "\n" for r in rows)
+        )
+    intervals, differences = uncertainty(tmp_path, ["lora", "same", "oracle"])
+    for split in ("seen", "unseen"):
+        same, oracle = differences["same"][split], differences["oracle"][split]
+        assert same["diff"] == 0.0 and same["low"] <= 0.0 <= same["high"] and not same["resolved"]
+        assert oracle["resolved"] and oracle["low"] > 0 and oracle["diff"] == pytest.approx(
+            100.0 - intervals["lora"][split][0]
+        )
