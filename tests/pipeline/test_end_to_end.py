@@ -216,6 +216,8 @@ def test_compare_intervals_on_a_tiny_models_predictions(tmp_path: Path) -> None:
     for split in ("seen", "unseen"):
         same, oracle = differences["same"][split], differences["oracle"][split]
         assert same["diff"] == 0.0 and same["low"] <= 0.0 <= same["high"] and not same["resolved"]
-        assert oracle["resolved"] and oracle["low"] > 0 and oracle["diff"] == pytest.approx(
-            100.0 - intervals["lora"][split][0]
+        assert (
+            oracle["resolved"]
+            and oracle["low"] > 0
+            and oracle["diff"] == pytest.approx(100.0 - intervals["lora"][split][0])
         )
