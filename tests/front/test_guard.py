@@ -212,6 +212,11 @@ def test_the_guard_state_is_balanced_after_refusals(client) -> None:
     for t in threads:
         t.join()
     test_client.post("/v1/completions", content=b"{", headers={"content-type": "application/json"})
+    for drop in (False, True):  # a stream counts until it ends, read to its end or dropped after one chunk
+        with test_client.stream("POST", "/v1/completions", json={"prompt": "x", "stream": True}) as response:
+            for _ in response.iter_lines():
+                if drop:
+                    break
     assert app.admission.in_flight == 0 and app.admission.short.waiting == 0 and app.admission.long.waiting == 0
 
 

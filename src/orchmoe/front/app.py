@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -138,17 +138,26 @@ class Front:
 
     async def handle(self, request: Request, path: str, prompt_ids: Callable[[dict], list[int]]) -> Response:
         try:
-            with self.admission.admitted():
-                return await self.serve_one(request, path, prompt_ids)
+            release = self.admission.admit()
+        except Refused as err:
+            return self.refused(path, err)
+        response: Response | None = None
+        try:
+            response = await self.serve_one(request, path, prompt_ids, release)
+            return response
         except Refused as err:
             return self.refused(path, err)
         except ClientDisconnect:
             log.info("%s: the client went away before its request arrived", path)
             self.metrics.refusals.labels("client_disconnected").inc()
             return Response(status_code=400)
+        finally:
+            if not isinstance(response, StreamingResponse):  # a stream counts out when it ends
+                release()
 
-    async def serve_one(self, request: Request, path: str, prompt_ids: Callable[[dict], list[int]]) -> Response:
-        """Check, route and forward one admitted request."""
+    async def serve_one(self, request: Request, path: str, prompt_ids: Callable[[dict], list[int]],
+                        release: Callable[[], None] = lambda: None) -> Response:  # fmt: skip
+        """Check, route and forward one admitted request (``release`` counts it out: a stream's when it ends)."""
         check_key(request, self.api_key)
         raw = await read_body(request, self.max_body_bytes)
         body = parse(raw)
@@ -160,7 +169,7 @@ class Front:
         if route != "none":
             body["model"] = route
         headers = {ROUTE_HEADER: route, ROUTING_MS_HEADER: f"{routing_ms:.3f}"}
-        response = await self.forward(path, body, headers)
+        response = await self.forward(path, body, headers, release)
         self.metrics.requests.labels(path, route).inc()
         tokens = f"{len(ids)} prompt tokens, " if ids is not None else ""
         how = f"routed to {route}" if route != "none" else f"passed through to {model}"
@@ -202,15 +211,29 @@ class Front:
         with self.admission.tokenizer_lock:
             return prompt_ids(body)
 
-    async def forward(self, path: str, body: dict, headers: dict[str, str]) -> Response:
+    async def forward(self, path: str, body: dict, headers: dict[str, str],
+                      release: Callable[[], None] = lambda: None) -> Response:  # fmt: skip
         try:
             upstream = await self.client.send(self.client.build_request("POST", path, json=body), stream=True)
         except httpx.TransportError as err:
             return self.unreachable(err, headers)
         headers = {**headers, "content-type": upstream.headers.get("content-type", "application/json")}
         if body.get("stream"):
-            return StreamingResponse(upstream.aiter_bytes(), status_code=upstream.status_code, headers=headers,
-                                     background=BackgroundTask(upstream.aclose))  # fmt: skip
+
+            async def relay() -> AsyncIterator[bytes]:  # closed when the stream ends, fails or its client goes
+                try:
+                    async for chunk in upstream.aiter_bytes():
+                        yield chunk
+                finally:
+                    await upstream.aclose()
+                    release()
+
+            async def close() -> None:  # after the response, if the relay never ran
+                await upstream.aclose()
+                release()
+
+            return StreamingResponse(relay(), status_code=upstream.status_code, headers=headers,
+                                     background=BackgroundTask(close))  # fmt: skip
         try:
             content = await upstream.aread()
         except httpx.TransportError as err:

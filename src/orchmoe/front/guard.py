@@ -3,7 +3,8 @@
 - the API key (``Authorization: Bearer KEY``, as OpenAI's and vLLM's servers take it): 401 without it;
 - the body: at most ``max_body_bytes`` (413, from ``Content-Length`` before reading, or while reading), valid JSON
   (400), an object, text that is valid Unicode (a lone surrogate is a 400, not a tokenizer crash);
-- requests in flight: at most ``max_in_flight`` (503 with ``Retry-After``), and routing work queued per lane at
+- requests in flight (a stream until it ends): at most ``max_in_flight`` (503 with ``Retry-After``), and routing work
+  queued per lane at
   most ``max_waiting`` (429 with ``Retry-After``) rather than a queue that grows without bound.
 
 Routing runs in worker threads, never on the event loop, in two lanes: prompts up to ``LONG_PROMPT`` tokens and
@@ -15,8 +16,7 @@ from __future__ import annotations
 import hmac
 import json
 import threading
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 import anyio
@@ -112,16 +112,22 @@ class Admission:
         self.long = Lane("long", 1, max(1, max_waiting // 16))
         self.tokenizer_lock = threading.Lock()  # one fast tokenizer object, shared by the worker threads
 
-    @contextmanager
-    def admitted(self) -> Iterator[None]:
+    def admit(self) -> Callable[[], None]:
+        """Count one request in, or refuse it with a 503 at the bound; returns the call that counts it out (once,
+        when its response is done: a stream's when it ends)."""
         if self.in_flight >= self.max_in_flight:
             raise Refused(503, f"the front holds {self.in_flight} requests, its bound; retry shortly",
                           "service_unavailable", "overloaded", {"Retry-After": "1"})  # fmt: skip
         self.in_flight += 1
-        try:
-            yield
-        finally:
-            self.in_flight -= 1
+        done = False
+
+        def release() -> None:
+            nonlocal done
+            if not done:
+                done = True
+                self.in_flight -= 1
+
+        return release
 
     def lane(self, tokens: int) -> Lane:
         return self.long if tokens > LONG_PROMPT else self.short
