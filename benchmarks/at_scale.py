@@ -310,7 +310,7 @@ def measure(protocol: str, work: Path) -> list[Path]:
             continue
         if (folder / ROUTERS).is_file():  # measured: add the allocation's spread if an older measure lacks it
             kept = json.loads((folder / ROUTERS).read_text())
-            if "allocation_spread" not in kept:
+            if "allocation_spread" not in kept and config.get("allocation", "diagonal") == "diagonal":
                 kept["allocation_spread"] = router_measures.allocation_spread(out / "adapter")
                 (folder / ROUTERS).write_text(json.dumps(kept, indent=1) + "\n")
                 written.append(folder / ROUTERS)

@@ -410,3 +410,19 @@ def test_the_rerun_on_the_new_stack_reports_how_far_the_stack_moves_a_run(result
     scored(results, "orchmoe-rerun-lr0.001-seed0", 31.0, 29.5)
     text = at_scale.report("families")
     assert "R-L new minus old: val +1.00, seen -0.50, held_out -0.50, unseen -0.50" in text
+
+
+@pytest.mark.parametrize(("kind", "distance"), [("diagonal", "allocation_tv"), ("mixing", "mixing_distance")])
+def test_the_router_measures_of_a_finished_tiny_run(tmp_path: Path, kind: str, distance: str) -> None:
+    from orchmoe.cli import main
+    from tests.pipeline.test_end_to_end import TINY
+
+    run = tmp_path / "run"
+    assert main(["train", "--out", str(run), *TINY, "--max-steps", "4", "--log-every", "2", "--allocation", kind]) == 0
+    assert main(["eval", str(run), "--quiet"]) == 0
+    measured = router_measures.of_run(run, run)
+    assert measured[f"{distance}_last"] > 0 and measured["adapter_spread"]["between_tasks_mean"] >= 0
+    assert ("allocation_spread" in measured) == (kind == "diagonal")
+    assert set(measured["hard"]) == set(measured["nmi"]) == {"seen", "unseen"}
+    row = at_scale.router_row("r", json.loads(json.dumps(measured)))
+    assert row.startswith(f"| r | {distance.split('_')[0]} ") and row.count("|") == 9

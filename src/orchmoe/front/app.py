@@ -1,4 +1,4 @@
-"""The routing front: an OpenAI-compatible server on loopback that sends each request to the abstract-task adapter
+"""The routing front: an OpenAI-compatible server that sends each request to the abstract-task adapter
 its prompt routes to, on a vLLM server that has every adapter registered.
 
 A request for the routed model (``"model"`` is the front's name, ``orchmoe`` unless set, or absent) is routed: its
