@@ -19,6 +19,7 @@ from tests.conftest import make_peft
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import at_scale  # noqa: E402
+import at_scale_tables  # noqa: E402
 import router_measures  # noqa: E402
 
 from tests.test_benchmarks import script  # noqa: E402
@@ -191,7 +192,7 @@ def test_report_pairs_seeds_at_the_chosen_learning_rates(results: Path) -> None:
     scored(results, "orchmoe-lr0.003-seed2", 30.0, 30.0, routers)
     scored(results, "orchmoe-alloc-lr0.003-seed0", 32.0, 40.0)
     scored(results, "orchmoe-alloc-lr0.003-seed1", 29.0, 30.0)
-    text = at_scale.report("families")
+    text = at_scale_tables.report("families")
     assert "orchmoe 0.003, lora 0.001" in text
     # seed 0: 31 - 32, seed 1: 35 - 33 (seed 2 has no LoRA partner), on every split and score
     for split in at_scale.SETS:
@@ -395,12 +396,12 @@ def test_a_pairing_across_stacks_says_so(results: Path) -> None:
     for method in ("orchmoe", "lora"):
         scored(results, f"{method}-lr0.001-seed0", 30.0, 30.0)
         scored(results, f"{method}-lr0.003-seed0", 20.0, 20.0)
-    assert "Paired across stacks" not in at_scale.report("families")  # both on the earlier stack
+    assert "Paired across stacks" not in at_scale_tables.report("families")  # both on the earlier stack
     versions = {"torch": "2.13.0", "transformers": "5.25.0", "peft": "0.21.2", "trl": "1.16.0", "accelerate": "1.16.0"}
     (results / "families" / "orchmoe-lr0.001-seed0" / "data.json").write_text(json.dumps({"versions": versions}))
-    text = at_scale.report("families")
+    text = at_scale_tables.report("families")
     assert "Paired across stacks (orchmoe-lr0.001: torch 2.13.0, transformers 5.25.0" in text
-    assert f"lora-lr0.001: {at_scale.EARLIER_STACK}" in text
+    assert f"lora-lr0.001: {at_scale_tables.EARLIER_STACK}" in text
 
 
 def test_the_rerun_on_the_new_stack_reports_how_far_the_stack_moves_a_run(results: Path) -> None:
@@ -408,7 +409,7 @@ def test_the_rerun_on_the_new_stack_reports_how_far_the_stack_moves_a_run(result
         scored(results, f"{method}-lr0.001-seed0", 30.0, 30.0)
         scored(results, f"{method}-lr0.003-seed0", 20.0, 20.0)
     scored(results, "orchmoe-rerun-lr0.001-seed0", 31.0, 29.5)
-    text = at_scale.report("families")
+    text = at_scale_tables.report("families")
     assert "R-L new minus old: val +1.00, seen -0.50, held_out -0.50, unseen -0.50" in text
 
 
@@ -424,5 +425,5 @@ def test_the_router_measures_of_a_finished_tiny_run(tmp_path: Path, kind: str, d
     assert measured[f"{distance}_last"] > 0 and measured["adapter_spread"]["between_tasks_mean"] >= 0
     assert ("allocation_spread" in measured) == (kind == "diagonal")
     assert set(measured["hard"]) == set(measured["nmi"]) == {"seen", "unseen"}
-    row = at_scale.router_row("r", json.loads(json.dumps(measured)))
+    row = at_scale_tables.router_row("r", json.loads(json.dumps(measured)))
     assert row.startswith(f"| r | {distance.split('_')[0]} ") and row.count("|") == 9

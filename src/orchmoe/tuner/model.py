@@ -33,6 +33,7 @@ from torch import nn
 from .config import OrchMoEConfig
 from .features import input_embedding_modules, input_embeddings
 from .layer import Linear, OrchMoELayer, linear_features
+from .loading import check_adapter_fits
 from .parameters import count_by_kind
 from .prompt import causal_routing_mask, routing_tokens
 from .router import TaskRouter, routing_entropies
@@ -381,27 +382,4 @@ class OrchMoEModel(BaseTuner):
         raise ValueError(
             "OrchMoE routes per example and cannot be merged into the base weights. Export one routing as a plain "
             "LoRA adapter (orchmoe.export_lora) and merge that."
-        )
-
-
-def check_adapter_fits(
-    model_state: dict[str, torch.Tensor], adapter_state: dict[str, torch.Tensor], adapter_name: str, config: Any
-) -> None:
-    """Raise one clear error when a saved adapter does not fit the model it is loaded into."""
-    expected = {
-        k for k in model_state if "orchmoe_" in k and (f".{adapter_name}." in k or k.endswith(f".{adapter_name}"))
-    }
-    source = config.base_model_name_or_path or "an unknown base model"
-    for key, value in adapter_state.items():
-        if key in model_state and tuple(model_state[key].shape) != tuple(value.shape):
-            raise ValueError(
-                f"Cannot load this OrchMoE adapter: tensor {key!r} has shape {tuple(value.shape)} in the adapter but "
-                f"{tuple(model_state[key].shape)} in the model. The adapter was trained on {source} (or with another "
-                "n_skills / r / n_abstract_tasks); load it into a base model of the same architecture."
-            )
-    missing = sorted(expected - set(adapter_state))
-    if missing:
-        raise ValueError(
-            f"Cannot load this OrchMoE adapter: {len(missing)} of the model's adapter tensors are absent from it "
-            f"(first: {missing[0]!r}). The adapter was trained on {source} with other target modules."
         )
