@@ -223,7 +223,7 @@ def wrap(line: str) -> str:
 def build() -> dict[Path, bytes]:
     """Every file the report writes, with its bytes."""
     OUTPUTS.clear()
-    protocols = [p for p in PROTOCOLS if (at_scale.RESULTS / p).is_dir() and any((at_scale.RESULTS / p).iterdir())]
+    protocols = [p for p in PROTOCOLS if any(at_scale.finished(p, f.name) for f in (at_scale.RESULTS / p).glob("*"))]
     all_diffs = {p: differences_to_lora(p) for p in protocols}
     forest_figure({p: d for p, d in all_diffs.items() if d}, FIGURES / "at_scale_forest.png")
     allocation_figure(protocols, FIGURES / "allocation_over_training.png")
