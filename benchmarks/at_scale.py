@@ -246,15 +246,27 @@ def drawn_tasks(data_dir: str, n_tasks: int, seed: int, excluded: set[str]) -> l
 PARKED = ("config.json", "data.json", "train_log.jsonl")
 
 
+UNMEASURED = "adapter-to-measure"  # a finished OrchMoE run's adapter, kept until its routers are measured
+
+
 def park(protocol: str, work: Path) -> list[Path]:
     """Each unfinished run's last complete checkpoint, settings and log (and its adapter once trained), copied to its
-    results folder."""
+    results folder; and the adapter of each finished OrchMoE run whose routers are not measured yet, so that a later
+    session's ``measure`` finds it (and deletes it once measured)."""
     from orchmoe.pipeline import checkpoint
 
     parked = []
     for out in sorted((work / protocol).glob("*")):
+        folder = RESULTS / protocol / out.name
+        if finished(protocol, out.name):
+            orchmoe = json.loads((folder / "config.json").read_text()).get("method") == "orchmoe"
+            if orchmoe and not (folder / ROUTERS).is_file() and (out / "adapter").is_dir():
+                shutil.rmtree(folder / UNMEASURED, ignore_errors=True)
+                shutil.copytree(out / "adapter", folder / UNMEASURED)
+                parked.append(folder / UNMEASURED)
+            continue
         found = checkpoint.latest(out / "checkpoints")
-        if finished(protocol, out.name) or found is None:
+        if found is None:
             continue
         target = RESULTS / protocol / out.name / "in-progress"
         shutil.rmtree(target, ignore_errors=True)
@@ -298,13 +310,18 @@ def execute(protocol: str, data_dir: str, run: Planned, work: Path, model: str) 
 
 
 def measure(protocol: str, work: Path) -> list[Path]:
-    """routers.json for each finished OrchMoE run (remedies included) whose adapter is in ``work``."""
+    """routers.json for each finished OrchMoE run (remedies included) whose adapter is in ``work``, or kept by ``park``
+    with its results (deleted once measured: adapters are not kept with the results)."""
     written = []
     for folder in sorted((RESULTS / protocol).glob("*")):
         out = work / protocol / folder.name
         config = json.loads((folder / "config.json").read_text()) if (folder / "config.json").is_file() else {}
         if config.get("method") != "orchmoe" or not finished(protocol, folder.name):
             continue
+        if not (out / "adapter").is_dir() and (folder / UNMEASURED).is_dir():  # parked by an earlier session
+            out.mkdir(parents=True, exist_ok=True)
+            shutil.copytree(folder / UNMEASURED, out / "adapter", dirs_exist_ok=True)
+            shutil.copy2(folder / "config.json", out / "config.json")
         if not (out / "adapter").is_dir():  # adapters are not kept with the results
             print(f"skip {folder.name}: no adapter in {out} (run it again to measure it)")
             continue
@@ -316,6 +333,7 @@ def measure(protocol: str, work: Path) -> list[Path]:
                 written.append(folder / ROUTERS)
             continue
         (folder / ROUTERS).write_text(json.dumps(router_measures.of_run(folder, out), indent=1) + "\n")
+        shutil.rmtree(folder / UNMEASURED, ignore_errors=True)
         written.append(folder / ROUTERS)
         print(f"measured {folder.name}", flush=True)
     return written

@@ -5,6 +5,7 @@ router measures read the log and the allocation, and the head benchmark prints i
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -427,3 +428,25 @@ def test_the_router_measures_of_a_finished_tiny_run(tmp_path: Path, kind: str, d
     assert set(measured["hard"]) == set(measured["nmi"]) == {"seen", "unseen"}
     row = at_scale_tables.router_row("r", json.loads(json.dumps(measured)))
     assert row.startswith(f"| r | {distance.split('_')[0]} ") and row.count("|") == 9
+
+
+def test_park_keeps_an_unmeasured_adapter_and_measure_uses_then_drops_it(results: Path, tmp_path: Path) -> None:
+    """A run that finished too late in a session to have its routers measured: park keeps its adapter with its
+    results; a later session (a fresh work directory) measures it from there and deletes it."""
+    from orchmoe.cli import main
+    from tests.pipeline.test_end_to_end import TINY
+
+    work = tmp_path / "work"
+    out = work / "families" / "orchmoe-lr0.003-seed0"
+    assert main(["train", "--out", str(out), *TINY, "--max-steps", "2"]) == 0
+    assert main(["eval", str(out), "--quiet"]) == 0
+    (out / "val_metrics.json").write_text(json.dumps({"val": {"macro": {"rougeL": 1.0}}}))
+    folder = results / "families" / out.name
+    folder.mkdir(parents=True)
+    for name in at_scale.KEPT:
+        shutil.copy2(out / name, folder / name)
+    assert at_scale.park("families", work) == [folder / at_scale.UNMEASURED]
+    assert (folder / at_scale.UNMEASURED / "adapter_config.json").is_file()
+    assert at_scale.measure("families", tmp_path / "fresh") == [folder / at_scale.ROUTERS]
+    assert not (folder / at_scale.UNMEASURED).exists() and "nmi" in json.loads((folder / at_scale.ROUTERS).read_text())
+    assert at_scale.park("families", work) == []  # measured: nothing more to keep
