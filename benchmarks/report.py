@@ -241,7 +241,8 @@ def build() -> dict[Path, bytes]:
         'ahead (leads) or behind (trails) at every seed, else mixed. Protocols (LOG.md, "At scale on sni-full" and '
         '"sni-100 at scale and the mixing allocation"): **families** (16 tasks of 5 families, 256 steps, held-out '
         "members and unseen families), **sni-10** (10 tasks drawn per seed, ~260 steps), **sni-100** (100 tasks drawn "
-        "per seed, 250 steps). OrchMoE and LoRA ran 3 seeds; Poly and MHR one (the true task id on trained tasks).",
+        "per seed, 250 steps). The protocols run OrchMoE and LoRA at 3 seeds, Poly and MHR at one (the true task id on "
+        "trained tasks); each cell says how many seeds it pairs, and a protocol appears once it has paired runs.",
         "",
         "![each method minus LoRA, per seed](benchmarks/figures/at_scale_forest.png)",
         "",
