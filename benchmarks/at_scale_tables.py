@@ -137,7 +137,8 @@ def paired_lines(
             diffs = [val[runs[s]] - val[base[s]] for s in base]
             lines += [f"{variant} minus OrchMoE, validation R-L at seeds {list(base)}: "
                       + ", ".join(f"{d:+.2f}" for d in diffs)
-                      + f" (above at {sum(d > 0 for d in diffs)}; the rule needs all of {len(SEEDS)})", ""]  # fmt: skip
+                      + f" (above at {sum(d > 0 for d in diffs)}; the rule needs all of {len(SEEDS)}"
+                      + (", here and on the other protocol)" if variant == MIX else ")"), ""]  # fmt: skip
     return lines + rerun_lines(scores, val, lr, protocol)
 
 

@@ -193,6 +193,8 @@ def test_report_pairs_seeds_at_the_chosen_learning_rates(results: Path) -> None:
     scored(results, "orchmoe-lr0.003-seed2", 30.0, 30.0, routers)
     scored(results, "orchmoe-alloc-lr0.003-seed0", 32.0, 40.0)
     scored(results, "orchmoe-alloc-lr0.003-seed1", 29.0, 30.0)
+    scored(results, "orchmoe-mix-lr0.003-seed0", 33.0, 33.0)
+    scored(results, "orchmoe-mix-lr0.001-seed0", 32.0, 32.0)
     text = at_scale_tables.report("families")
     assert "orchmoe 0.003, lora 0.001" in text
     # seed 0: 31 - 32, seed 1: 35 - 33 (seed 2 has no LoRA partner), on every split and score
@@ -202,6 +204,9 @@ def test_report_pairs_seeds_at_the_chosen_learning_rates(results: Path) -> None:
     assert "| seen | R-L | +2.50 ± 7.78 | 1/2 | +8.00, -3.00 |" in text  # the remedy against LoRA: 40 - 32, 30 - 33
     # the remedy's rule is on validation against OrchMoE at the same seed: 32 - 31, 29 - 30
     assert "orchmoe-alloc minus OrchMoE, validation R-L at seeds [0, 1]: +1.00, -1.00 (above at 1" in text
+    # the mixing allocation at its own chosen lr (3e-3: 33 > 32) against OrchMoE's 31; its rule spans both protocols
+    mix = "orchmoe-mix minus OrchMoE, validation R-L at seeds [0]: +2.00 (above at 1; the rule needs all of 3"
+    assert mix + ", here and on the other protocol)" in text
     # OrchMoE against every method at its chosen lr, over the seeds both ran: LoRA mixed (-1, +2), Poly absent
     assert "| lora | 0, 1 | +0.50 ± 2.12 (mixed) | +0.50 ± 2.12 (mixed) | +0.50 ± 2.12 (mixed) |" in text
     assert "| poly |" not in text
