@@ -249,6 +249,13 @@ PARKED = ("config.json", "data.json", "train_log.jsonl")
 UNMEASURED = "adapter-to-measure"  # a finished OrchMoE run's adapter, kept until its routers are measured
 
 
+def copy_adapter(source: Path, target: Path) -> None:
+    """A trained adapter's weights and config copied to ``target`` (replacing an earlier copy), without peft's empty
+    model card."""
+    shutil.rmtree(target, ignore_errors=True)
+    shutil.copytree(source, target, ignore=shutil.ignore_patterns("README.md"))
+
+
 def park(protocol: str, work: Path) -> list[Path]:
     """Each unfinished run's last complete checkpoint, settings and log (and its adapter once trained), copied to its
     results folder; and the adapter of each finished OrchMoE run whose routers are not measured yet, so that a later
@@ -261,20 +268,19 @@ def park(protocol: str, work: Path) -> list[Path]:
         if finished(protocol, out.name):
             orchmoe = json.loads((folder / "config.json").read_text()).get("method") == "orchmoe"
             if orchmoe and not (folder / ROUTERS).is_file() and (out / "adapter").is_dir():
-                shutil.rmtree(folder / UNMEASURED, ignore_errors=True)
-                shutil.copytree(out / "adapter", folder / UNMEASURED)
+                copy_adapter(out / "adapter", folder / UNMEASURED)
                 parked.append(folder / UNMEASURED)
             continue
         found = checkpoint.latest(out / "checkpoints")
         if found is None:
             continue
-        target = RESULTS / protocol / out.name / "in-progress"
+        target = folder / "in-progress"
         shutil.rmtree(target, ignore_errors=True)
         shutil.copytree(found, target / "checkpoints" / found.name)
         for name in PARKED:
             shutil.copy2(out / name, target / name)
         if (out / "adapter" / "adapter_config.json").is_file():  # trained, not yet scored: the next session scores it
-            shutil.copytree(out / "adapter", target / "adapter")
+            copy_adapter(out / "adapter", target / "adapter")
         parked.append(target)
     return parked
 

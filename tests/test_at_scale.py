@@ -452,6 +452,7 @@ def test_park_keeps_an_unmeasured_adapter_and_measure_uses_then_drops_it(results
         shutil.copy2(out / name, folder / name)
     assert at_scale.park("families", work) == [folder / at_scale.UNMEASURED]
     assert (folder / at_scale.UNMEASURED / "adapter_config.json").is_file()
+    assert (out / "adapter" / "README.md").is_file() and not (folder / at_scale.UNMEASURED / "README.md").exists()
     assert at_scale.measure("families", tmp_path / "fresh") == [folder / at_scale.ROUTERS]
     assert not (folder / at_scale.UNMEASURED).exists() and "nmi" in json.loads((folder / at_scale.ROUTERS).read_text())
     assert at_scale.park("families", work) == []  # measured: nothing more to keep
