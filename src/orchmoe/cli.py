@@ -238,12 +238,15 @@ def main(argv: list[str] | None = None) -> int:
 
 def close_process_group(synchronize: bool) -> None:
     """End of an `accelerate launch`ed process: destroy its process group, once, while the interpreter is still alive
-    (Gloo's threads must not outlive its teardown, pytorch/pytorch#179291; here one rank of a 2-process run once never
-    exited). ``synchronize``: barrier first (normal exit; not after an error, where the other ranks may never reach
-    it)."""
+    (Gloo's threads must not outlive its teardown, pytorch/pytorch#179291). A finished `train` has already destroyed it
+    (`Accelerator.end_training`, every rank after the adapter is saved); this covers the other exits. ``synchronize``:
+    barrier first (normal exit; not after an error, where the other ranks may never reach it)."""
+    import gc
+
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
+        gc.collect()  # a DistributedDataParallel left in a cycle must not outlive the group (see trainer.finish)
         if synchronize:
             dist.barrier()
         dist.destroy_process_group()

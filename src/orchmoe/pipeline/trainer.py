@@ -385,9 +385,18 @@ def save_checkpoint(run: Run, step: int) -> None:
 
 
 def finish(run: Run) -> None:
-    """The method's last touch (Poly/MHR: the unseen-task row), then the adapter saved by the main process."""
+    """The method's last touch (Poly/MHR: the unseen-task row), then the adapter saved by the main process; every
+    process returns once it is on disk.
+
+    Under `accelerate launch` the DistributedDataParallel wrapper is dropped before `end_training` destroys the
+    process group: its Reducer must not hold the group's last reference. Freed last, with the GIL held, Gloo's
+    destructor joins a worker thread that needs the GIL to free the last barrier's tensors: a deadlock, one rank of
+    a 2-process run never exiting (gdb: ``~Reducer -> ~ProcessGroupGloo -> thread::join``)."""
     run.accelerator.wait_for_everyone()
     if run.main:
         run.method.finish(run.unwrapped, len(run.selection.task_index))
         run.unwrapped.save_pretrained(run.out / "adapter")
+    run.accelerator.wait_for_everyone()
+    run.model = None  # the wrapper (the adapted model stays in run.unwrapped)
+    run.accelerator.free_memory()  # accelerate's references to it, and a garbage collection for its cycles
     run.accelerator.end_training()
