@@ -26,7 +26,8 @@ beside the kept files of each finished OrchMoE run: the allocation's mean TV dis
 the gradient norms of Z against the skills' (from its log), the NMI of the prompts' argmax abstract tasks against
 their tasks and their families (the word after ``taskNNN_``; a test-split task is a family of its own) on every test
 set, and the scores of hard routing (each prompt to its argmax abstract task: what the exported adapters serve)
-beside soft routing's. ``report`` prints the protocol's tables from the committed files only.
+beside soft routing's. ``report`` prints the protocol's tables from the committed files only
+(`at_scale_tables.py`); where runs are kept, parked and measured is `at_scale_store.py`.
 """
 
 from __future__ import annotations
@@ -41,21 +42,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import at_scale_store as store
 import paired
-import router_measures
+from at_scale_store import KEPT, finished, measure, park, unpark
 
 from orchmoe.pipeline.config import RunConfig, read_config_file
 
 ROOT = Path(__file__).resolve().parent
-RESULTS = ROOT / "results" / "sni-full"
 CONFIGS = {
     "families": ROOT / "configs" / "sni-full-families.yaml",
     "sni-10": ROOT / "configs" / "sni-full-10.yaml",
     "families-gpu": ROOT / "configs" / "sni-full-families-gpu.yaml",
     "sni-100": ROOT / "configs" / "sni-full-100.yaml",
 }
-KEPT = ("config.json", "data.json", "metrics.json", "val_metrics.json", "train_log.jsonl")
-ROUTERS = "routers.json"
 SETS = paired.SPLITS  # seen, held_out, unseen
 SCORES = tuple(paired.SCORES)  # rouge1, rougeL, rougeLsum, exact_match
 N_VAL = {"sni-100": 4}  # validation instances per training task (the protocol's; 16 unless named: 400 on sni-100)
@@ -105,11 +104,6 @@ class Planned:
 
 def slug(variant: str, lr: float, seed: int) -> str:
     return f"{variant}-lr{lr:g}-seed{seed}"
-
-
-def finished(protocol: str, name: str) -> Path | None:
-    folder = RESULTS / protocol / name
-    return folder if all((folder / f).is_file() for f in KEPT) else None
 
 
 def validation_rouge_l(folder: Path) -> float:
@@ -180,9 +174,11 @@ def borrowed_plan(protocol: str) -> tuple[list[Planned], list[str]]:
     """Seed by seed at the borrowed lrs: the four methods at seed 0, OrchMoE and LoRA at every seed, then the
     mixing allocation and its control."""
     lrs = {m: chosen_lr(protocol, m) for m in ORDER}
-    runs = [variant_run(m, lrs[m], s) for s in SEEDS for m in ORDER if s == 0 or m in ("orchmoe", "lora")]
-    more, waiting = mix_plan(protocol)
-    return runs + more, waiting
+    waiting = [f"{m} (its lr comes from {BORROWED[protocol][m]}, not chosen there yet)" for m in ORDER if not lrs[m]]
+    runs = [variant_run(m, lrs[m], s) for s in SEEDS for m in ORDER
+            if lrs[m] and (s == 0 or m in ("orchmoe", "lora"))]  # fmt: skip
+    more, wait = mix_plan(protocol)
+    return runs + more, waiting + wait
 
 
 def grid_plan(protocol: str) -> tuple[list[Planned], list[str]]:
@@ -243,55 +239,6 @@ def drawn_tasks(data_dir: str, n_tasks: int, seed: int, excluded: set[str]) -> l
     return random.Random(seed).sample(pool, n_tasks)
 
 
-PARKED = ("config.json", "data.json", "train_log.jsonl")
-
-
-UNMEASURED = "adapter-to-measure"  # a finished OrchMoE run's adapter, kept until its routers are measured
-
-
-def copy_adapter(source: Path, target: Path) -> None:
-    """A trained adapter's weights and config copied to ``target`` (replacing an earlier copy), without peft's empty
-    model card."""
-    shutil.rmtree(target, ignore_errors=True)
-    shutil.copytree(source, target, ignore=shutil.ignore_patterns("README.md"))
-
-
-def park(protocol: str, work: Path) -> list[Path]:
-    """Each unfinished run's last complete checkpoint, settings and log (and its adapter once trained), copied to its
-    results folder; and the adapter of each finished OrchMoE run whose routers are not measured yet, so that a later
-    session's ``measure`` finds it (and deletes it once measured)."""
-    from orchmoe.pipeline import checkpoint
-
-    parked = []
-    for out in sorted((work / protocol).glob("*")):
-        folder = RESULTS / protocol / out.name
-        if finished(protocol, out.name):
-            orchmoe = json.loads((folder / "config.json").read_text()).get("method") == "orchmoe"
-            if orchmoe and not (folder / ROUTERS).is_file() and (out / "adapter").is_dir():
-                copy_adapter(out / "adapter", folder / UNMEASURED)
-                parked.append(folder / UNMEASURED)
-            continue
-        found = checkpoint.latest(out / "checkpoints")
-        if found is None:
-            continue
-        target = folder / "in-progress"
-        shutil.rmtree(target, ignore_errors=True)
-        shutil.copytree(found, target / "checkpoints" / found.name)
-        for name in PARKED:
-            shutil.copy2(out / name, target / name)
-        if (out / "adapter" / "adapter_config.json").is_file():  # trained, not yet scored: the next session scores it
-            copy_adapter(out / "adapter", target / "adapter")
-        parked.append(target)
-    return parked
-
-
-def unpark(protocol: str, name: str, out: Path) -> None:
-    """A parked checkpoint restored into an empty run directory, to resume from."""
-    parked = RESULTS / protocol / name / "in-progress"
-    if parked.is_dir() and not (out / "config.json").is_file():
-        shutil.copytree(parked, out, dirs_exist_ok=True)
-
-
 def execute(protocol: str, data_dir: str, run: Planned, work: Path, model: str) -> Path:
     """Train (resuming from the last checkpoint), test, validate; copy the kept files to the results folder."""
     from orchmoe.pipeline.evaluate import METRICS, VAL_METRICS, evaluate_run, validate_run
@@ -307,42 +254,12 @@ def execute(protocol: str, data_dir: str, run: Planned, work: Path, model: str) 
         evaluate_run(out, progress=False)
     if not (out / VAL_METRICS).is_file():
         validate_run(out, N_VAL.get(protocol, 16), progress=False)
-    target = RESULTS / protocol / run.name
+    target = store.RESULTS / protocol / run.name
     target.mkdir(parents=True, exist_ok=True)
     for name in KEPT:
         shutil.copy2(out / name, target / name)
     shutil.rmtree(target / "in-progress", ignore_errors=True)
     return target
-
-
-def measure(protocol: str, work: Path) -> list[Path]:
-    """routers.json for each finished OrchMoE run (remedies included) whose adapter is in ``work``, or kept by ``park``
-    with its results (deleted once measured: adapters are not kept with the results)."""
-    written = []
-    for folder in sorted((RESULTS / protocol).glob("*")):
-        out = work / protocol / folder.name
-        config = json.loads((folder / "config.json").read_text()) if (folder / "config.json").is_file() else {}
-        if config.get("method") != "orchmoe" or not finished(protocol, folder.name):
-            continue
-        if not (out / "adapter").is_dir() and (folder / UNMEASURED).is_dir():  # parked by an earlier session
-            out.mkdir(parents=True, exist_ok=True)
-            shutil.copytree(folder / UNMEASURED, out / "adapter", dirs_exist_ok=True)
-            shutil.copy2(folder / "config.json", out / "config.json")
-        if not (out / "adapter").is_dir():  # adapters are not kept with the results
-            print(f"skip {folder.name}: no adapter in {out} (run it again to measure it)")
-            continue
-        if (folder / ROUTERS).is_file():  # measured: add the allocation's spread if an older measure lacks it
-            kept = json.loads((folder / ROUTERS).read_text())
-            if "allocation_spread" not in kept and config.get("allocation", "diagonal") == "diagonal":
-                kept["allocation_spread"] = router_measures.allocation_spread(out / "adapter")
-                (folder / ROUTERS).write_text(json.dumps(kept, indent=1) + "\n")
-                written.append(folder / ROUTERS)
-            continue
-        (folder / ROUTERS).write_text(json.dumps(router_measures.of_run(folder, out), indent=1) + "\n")
-        shutil.rmtree(folder / UNMEASURED, ignore_errors=True)
-        written.append(folder / ROUTERS)
-        print(f"measured {folder.name}", flush=True)
-    return written
 
 
 def only(runs: list[Planned], names: list[str]) -> list[Planned]:
@@ -372,7 +289,6 @@ def run_all(protocol: str, data_dir: str, work: Path, model: str, names: list[st
 
 
 def main() -> None:
-    global RESULTS  # --results: every function reads it when called
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("command", choices=["run", "plan", "park", "measure", "report"])
     parser.add_argument("--protocol", choices=list(CONFIGS), default="families")
@@ -383,11 +299,11 @@ def main() -> None:
         "--only", nargs="+", help="run these planned runs only, in this order (names as `plan` prints them)"
     )
     parser.add_argument("--limit", type=int, default=0, help="stop after this many runs (0: all that are known)")
-    parser.add_argument("--results", type=Path, help=f"where finished runs are kept (default {RESULTS})")
+    parser.add_argument("--results", type=Path, help=f"where finished runs are kept (default {store.RESULTS})")
     parser.add_argument("--config", type=Path, help="the protocol's settings from this YAML instead (a dry run)")
     args = parser.parse_args()
     if args.results:
-        RESULTS = args.results
+        store.RESULTS = args.results  # every function reads it when called
     if args.config:
         CONFIGS[args.protocol] = args.config
     if args.command == "measure":

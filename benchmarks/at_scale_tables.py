@@ -8,8 +8,11 @@ import json
 from typing import Any
 
 import at_scale
+import at_scale_store as store
 import paired
-from at_scale import CONTROL, MIX, REMEDIES, RERUN, ROUTERS, SCORES, SEEDS, SETS, chosen_lr, finished, slug
+import router_measures
+from at_scale import CONTROL, MIX, REMEDIES, RERUN, SCORES, SEEDS, SETS, chosen_lr, slug
+from at_scale_store import ROUTERS, finished
 
 from orchmoe.pipeline import common
 
@@ -17,7 +20,7 @@ from orchmoe.pipeline import common
 def report(protocol: str) -> str:
     """The protocol's tables from the committed files: every finished run's scores, the paired differences of the
     chosen OrchMoE (and its remedies) against LoRA per seed, and the router measures."""
-    folders = [f for f in sorted((at_scale.RESULTS / protocol).glob("*")) if finished(protocol, f.name)]
+    folders = [f for f in sorted((store.RESULTS / protocol).glob("*")) if finished(protocol, f.name)]
     lines = [f"## {protocol}: {len(folders)} finished runs", "",
              "| run | val R-L | " + " | ".join(f"{s} R-1 / R-L / R-Lsum / EM" for s in SETS) + " |",
              "|---|---|" + "---|" * len(SETS)]  # fmt: skip
@@ -52,7 +55,7 @@ def report(protocol: str) -> str:
 def router_row(name: str, r: dict[str, Any]) -> str:
     """One run's router measures: its allocation's distance from the start (the diagonal's TV from uniform, the mixing
     matrices' distance from I), how far apart the abstract tasks' adapters end, the skill mixes, NMI, hard routing."""
-    key = next((k for k in at_scale.router_measures.DISTANCES if r.get(f"{k}_first") is not None), None)
+    key = next((k for k in router_measures.DISTANCES if r.get(f"{k}_first") is not None), None)
     moved = f"{key.split('_')[0]} {r[f'{key}_first']:.4f} -> {r[f'{key}_last']:.4f}" if key else "-"
     nmi = ", ".join(f"{r['nmi'][s]['task']:.2f} / {r['nmi'][s]['family']:.2f}" for s in SETS if s in r["nmi"])
     hard = ", ".join(f"{r['hard'][s]['rougeL'] - r['soft'][s]['rougeL']:+.2f}" for s in SETS if s in r["hard"])
@@ -71,7 +74,7 @@ EARLIER_STACK = "transformers 5.23 / 5.24 (before runs recorded their versions)"
 def stack(protocol: str, name: str) -> str:
     """The stack a finished run was made on, as its data.json records it (the packages whose versions can move
     results), or the earlier stack for runs made before versions were recorded."""
-    data = json.loads((at_scale.RESULTS / protocol / name / "data.json").read_text())
+    data = json.loads((store.RESULTS / protocol / name / "data.json").read_text())
     versions = data.get("versions_at_start", data.get("versions"))
     if not versions:
         return EARLIER_STACK

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import at_scale
+import at_scale_store as store
 import paired
 
 ROOT = Path(__file__).resolve().parent
@@ -45,7 +46,7 @@ def test_scores(protocol: str, variant: str, lr: float | None) -> dict[int, pair
         return {}
     found = {}
     for seed in at_scale.SEEDS:
-        folder = at_scale.finished(protocol, at_scale.slug(variant, lr, seed))
+        folder = store.finished(protocol, at_scale.slug(variant, lr, seed))
         if folder is not None:
             found[seed] = paired.as_scores(json.loads((folder / "metrics.json").read_text()))
     return found
@@ -117,7 +118,7 @@ def allocation_series(protocol: str) -> dict[str, list[tuple[int, float]]]:
     series = {}
     for variant in ("orchmoe", *at_scale.REMEDIES, at_scale.MIX):
         lr = lr_of(protocol, variant)
-        folder = at_scale.finished(protocol, at_scale.slug(variant, lr, 0)) if lr else None
+        folder = store.finished(protocol, at_scale.slug(variant, lr, 0)) if lr else None
         if folder is None:
             continue
         log = [json.loads(line) for line in (folder / "train_log.jsonl").read_text().splitlines() if line.strip()]
@@ -163,9 +164,9 @@ def nmi_lines(protocol: str) -> list[str]:
     rows = []
     for variant in ("orchmoe", at_scale.MIX):
         own = lr_of(protocol, variant)
-        measured = [json.loads((f / at_scale.ROUTERS).read_text()) for s in at_scale.SEEDS
-                    if own and (f := at_scale.finished(protocol, at_scale.slug(variant, own, s)))
-                    and (f / at_scale.ROUTERS).is_file()]  # fmt: skip
+        measured = [json.loads((f / store.ROUTERS).read_text()) for s in at_scale.SEEDS
+                    if own and (f := store.finished(protocol, at_scale.slug(variant, own, s)))
+                    and (f / store.ROUTERS).is_file()]  # fmt: skip
         if not measured or lr is None:
             continue
         cells = []
@@ -223,7 +224,7 @@ def wrap(line: str) -> str:
 def build() -> dict[Path, bytes]:
     """Every file the report writes, with its bytes."""
     OUTPUTS.clear()
-    protocols = [p for p in PROTOCOLS if any(at_scale.finished(p, f.name) for f in (at_scale.RESULTS / p).glob("*"))]
+    protocols = [p for p in PROTOCOLS if any(store.finished(p, f.name) for f in (store.RESULTS / p).glob("*"))]
     all_diffs = {p: differences_to_lora(p) for p in protocols}
     forest_figure({p: d for p, d in all_diffs.items() if d}, FIGURES / "at_scale_forest.png")
     allocation_figure(protocols, FIGURES / "allocation_over_training.png")

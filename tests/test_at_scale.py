@@ -1,6 +1,6 @@
-"""benchmarks/at_scale.py and router_measures.py: the plan follows the protocol (grid first, seeds and remedies once
-the lr is chosen on validation), the report pairs seeds at the chosen lrs, parking carries what a run needs, the
-router measures read the log and the allocation, and the head benchmark prints its result line."""
+"""benchmarks/at_scale.py, at_scale_store.py and router_measures.py: the plan follows the protocol (grid first, seeds
+and remedies once the lr is chosen on validation), the report pairs seeds at the chosen lrs, parking carries what a run
+needs, the router measures read the log and the allocation, and the head benchmark prints its result line."""
 
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ from tests.conftest import make_peft
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import at_scale  # noqa: E402
+import at_scale_store  # noqa: E402
 import at_scale_tables  # noqa: E402
 import router_measures  # noqa: E402
 
@@ -29,14 +30,14 @@ from tests.test_benchmarks import script  # noqa: E402
 def finish(results: Path, name: str, val_rouge_l: float) -> None:
     folder = results / "families" / name
     folder.mkdir(parents=True)
-    for kept in at_scale.KEPT:
+    for kept in at_scale_store.KEPT:
         (folder / kept).write_text("{}")
     (folder / "val_metrics.json").write_text(json.dumps({"val": {"macro": {"rougeL": val_rouge_l}}}))
 
 
 @pytest.fixture
 def results(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    monkeypatch.setattr(at_scale, "RESULTS", tmp_path)
+    monkeypatch.setattr(at_scale_store, "RESULTS", tmp_path)
     return tmp_path
 
 
@@ -112,6 +113,15 @@ def test_sni_100_borrows_sni_10s_learning_rates_and_plans_seed_by_seed() -> None
         assert waiting == ["orchmoe-mix seeds 0, 1, 2 (lr not chosen yet)"]
 
 
+def test_sni_100_waits_for_the_protocols_it_borrows_from(results: Path) -> None:
+    """Before sni-10 and families chose anything (an empty results folder), sni-100 plans no run and says why."""
+    runs, waiting = at_scale.plan("sni-100")
+    assert runs == []
+    borrowed = [f"{m} (its lr comes from sni-10, not chosen there yet)" for m in at_scale.ORDER]
+    mixing = [f"{v} seeds 0, 1, 2 (lr not chosen yet)" for v in (at_scale.MIX, at_scale.CONTROL)]
+    assert waiting == borrowed + mixing
+
+
 def test_the_mixing_allocation_chooses_its_lr_on_families_and_sni_100_follows(results: Path) -> None:
     finish(results, "orchmoe-mix-lr0.003-seed0", 30.0)
     finish(results, "orchmoe-mix-lr0.001-seed0", 31.0)
@@ -176,7 +186,7 @@ def scored(results: Path, name: str, val: float, seen: float, routers: dict | No
     macro = {k: seen for k in at_scale.SCORES}
     (results / "families" / name / "metrics.json").write_text(json.dumps({s: {"macro": macro} for s in at_scale.SETS}))
     if routers is not None:
-        (results / "families" / name / at_scale.ROUTERS).write_text(json.dumps(routers))
+        (results / "families" / name / at_scale_store.ROUTERS).write_text(json.dumps(routers))
 
 
 def test_report_pairs_seeds_at_the_chosen_learning_rates(results: Path) -> None:
@@ -227,14 +237,14 @@ def test_park_and_unpark_carry_what_the_run_needs(results: Path, tmp_path: Path,
 
     out = tmp_path / "work" / "families" / "orchmoe-lr0.003-seed0"
     checkpoint.save(out / "checkpoints", 32, {"step": 32, "adapter": {}})
-    for name in at_scale.PARKED:
+    for name in at_scale_store.PARKED:
         (out / name).write_text("{}")
     if trained:
         (out / "adapter").mkdir()
         (out / "adapter" / "adapter_config.json").write_text("{}")
-    (parked,) = at_scale.park("families", tmp_path / "work")
+    (parked,) = at_scale_store.park("families", tmp_path / "work")
     fresh = tmp_path / "fresh"
-    at_scale.unpark("families", "orchmoe-lr0.003-seed0", fresh)
+    at_scale_store.unpark("families", "orchmoe-lr0.003-seed0", fresh)
     assert checkpoint.latest(fresh / "checkpoints") is not None and (fresh / "config.json").is_file()
     assert (fresh / "adapter" / "adapter_config.json").is_file() == trained  # a trained run is scored, not retrained
     assert parked == results / "families" / "orchmoe-lr0.003-seed0" / "in-progress"
@@ -448,11 +458,12 @@ def test_park_keeps_an_unmeasured_adapter_and_measure_uses_then_drops_it(results
     (out / "val_metrics.json").write_text(json.dumps({"val": {"macro": {"rougeL": 1.0}}}))
     folder = results / "families" / out.name
     folder.mkdir(parents=True)
-    for name in at_scale.KEPT:
+    for name in at_scale_store.KEPT:
         shutil.copy2(out / name, folder / name)
-    assert at_scale.park("families", work) == [folder / at_scale.UNMEASURED]
-    assert (folder / at_scale.UNMEASURED / "adapter_config.json").is_file()
-    assert (out / "adapter" / "README.md").is_file() and not (folder / at_scale.UNMEASURED / "README.md").exists()
-    assert at_scale.measure("families", tmp_path / "fresh") == [folder / at_scale.ROUTERS]
-    assert not (folder / at_scale.UNMEASURED).exists() and "nmi" in json.loads((folder / at_scale.ROUTERS).read_text())
-    assert at_scale.park("families", work) == []  # measured: nothing more to keep
+    assert at_scale_store.park("families", work) == [folder / at_scale_store.UNMEASURED]
+    assert (folder / at_scale_store.UNMEASURED / "adapter_config.json").is_file()
+    assert (out / "adapter" / "README.md").is_file() and not (folder / at_scale_store.UNMEASURED / "README.md").exists()
+    assert at_scale_store.measure("families", tmp_path / "fresh") == [folder / at_scale_store.ROUTERS]
+    assert not (folder / at_scale_store.UNMEASURED).exists()
+    assert "nmi" in json.loads((folder / at_scale_store.ROUTERS).read_text())
+    assert at_scale_store.park("families", work) == []  # measured: nothing more to keep
