@@ -28,3 +28,24 @@ def test_the_report_fits_its_budget_and_the_readme_its_first_screen() -> None:
         assert must in first_screen, must
     table = readme[readme.index(report.VERDICT_START) + 1 : readme.index(report.VERDICT_END)]
     assert any(row.startswith("| lora | families |") for row in table)  # the verdict against LoRA, per protocol
+
+
+def test_every_forest_panel_puts_each_method_on_its_own_labelled_row(monkeypatch) -> None:
+    """Panels with different methods (sni-100 runs fewer than families) share one y axis: a dot's row label is the
+    method it belongs to on every panel."""
+    figures = []
+    monkeypatch.setattr(report, "save", lambda fig, path: figures.append(fig))
+    diffs = {
+        "families": {"orchmoe": {"seen": {0: -5.0, 1: -4.0}}, "poly": {"seen": {0: -4.2}}, "mhr": {"seen": {0: -4.3}}},
+        "sni-100": {"mhr": {"seen": {0: 1.5}}},
+    }
+    report.forest_figure(diffs, ROOT / "unused.png")
+    (fig,) = figures
+    fig.canvas.draw()
+    shown = fig.axes[0]  # the panels share their y axis: its labels are the only ones shown, for all panels
+    label_at = {round(y): t.get_text() for y, t in zip(shown.get_yticks(), shown.get_yticklabels(), strict=True)}
+    assert list(label_at.values()) == ["orchmoe", "poly", "mhr"]
+    for ax, protocol in zip(fig.axes, diffs, strict=True):
+        dots = {label_at[round(line.get_ydata()[0])]: sorted(line.get_xdata()) for line in ax.get_lines()
+                if line.get_marker() == "o"}  # fmt: skip
+        assert dots == {m: sorted(v["seen"].values()) for m, v in diffs[protocol].items()}
