@@ -13,17 +13,13 @@ import router_measures
 RESULTS = Path(__file__).resolve().parent / "results" / "sni-full"
 KEPT = ("config.json", "data.json", "metrics.json", "val_metrics.json", "train_log.jsonl")
 ROUTERS = "routers.json"
+PARKED = ("config.json", "data.json", "train_log.jsonl")  # with an unfinished run's last checkpoint
+UNMEASURED = "adapter-to-measure"  # a finished OrchMoE run's adapter, kept until its routers are measured
 
 
 def finished(protocol: str, name: str) -> Path | None:
     folder = RESULTS / protocol / name
     return folder if all((folder / f).is_file() for f in KEPT) else None
-
-
-PARKED = ("config.json", "data.json", "train_log.jsonl")
-
-
-UNMEASURED = "adapter-to-measure"  # a finished OrchMoE run's adapter, kept until its routers are measured
 
 
 def copy_adapter(source: Path, target: Path) -> None:

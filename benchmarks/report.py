@@ -95,9 +95,10 @@ def forest_figure(all_diffs: dict[str, dict[str, dict[str, dict[int, float]]]], 
     import matplotlib.pyplot as plt
 
     panels = [(p, s) for p, d in all_diffs.items() for s in paired.SPLITS if any(s in v for v in d.values())]
-    # one row per method on every panel (the panels share their y axis: one set of labels for all)
-    rows = [v for v in COMPARED if any(split in d.get(v, {}) for d in all_diffs.values() for _, split in panels)]
+    rows = [v for v in COMPARED if any(d.get(v) for d in all_diffs.values())]  # one row per method, on every panel
     fig, axes = plt.subplots(1, len(panels), figsize=(3.0 * len(panels), 3.2), sharey=True, squeeze=False)
+    axes[0][0].set_yticks(range(len(rows)), rows)  # the panels share their y axis: one set of rows and labels for all
+    axes[0][0].set_ylim(len(rows) - 0.5, -0.5)  # the first method on top
     for ax, (protocol, split) in zip(axes[0], panels, strict=True):
         for y, variant in enumerate(rows):
             if split not in all_diffs[protocol].get(variant, {}):
@@ -106,8 +107,6 @@ def forest_figure(all_diffs: dict[str, dict[str, dict[str, dict[int, float]]]], 
             ax.plot(values, [y] * len(values), "o", color="tab:blue", alpha=0.6, markersize=4)
             ax.plot([statistics.mean(values)] * 2, [y - 0.3, y + 0.3], color="black", linewidth=2)
         ax.axvline(0, color="grey", linewidth=1)
-        ax.set_yticks(range(len(rows)), rows)
-        ax.set_ylim(len(rows) - 0.5, -0.5)  # the first method on top
         ax.set_title(f"{protocol}\n{SPLIT_NAMES[split]}", fontsize=8)
         ax.set_xlabel("R-L minus LoRA's", fontsize=8)
         ax.grid(axis="x", alpha=0.3)
