@@ -3,8 +3,11 @@ results: regenerated here, nothing may differ, so no figure or number can drift 
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -49,3 +52,62 @@ def test_every_forest_panel_puts_each_method_on_its_own_labelled_row(monkeypatch
         dots = {label_at[round(line.get_ydata()[0])]: sorted(line.get_xdata()) for line in ax.get_lines()
                 if line.get_marker() == "o"}  # fmt: skip
         assert dots == {m: sorted(v["seen"].values()) for m, v in diffs[protocol].items()}
+
+
+def finish(protocol: str, name: str, val: float, seen: float = 30.0, unseen: float = 20.0) -> None:
+    """A finished run in the (monkeypatched) results tree: its kept files, validation and test R-L."""
+    folder = report.store.RESULTS / protocol / name
+    folder.mkdir(parents=True)
+    for kept in report.store.KEPT:
+        (folder / kept).write_text("{}")
+    (folder / "val_metrics.json").write_text(json.dumps({"val": {"macro": {"rougeL": val}}}))
+    test = {split: {"macro": {"rougeL": value}} for split, value in (("seen", seen), ("unseen", unseen))}
+    (folder / "metrics.json").write_text(json.dumps(test))
+
+
+@pytest.fixture
+def results(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setattr(report.store, "RESULTS", tmp_path)
+    monkeypatch.setattr(report, "lr_of", lambda protocol, variant: 0.003)  # every method at one lr: no grids needed
+    return tmp_path
+
+
+@pytest.mark.parametrize(
+    ("mix_minus_diagonal", "says"),
+    [
+        ({("families", 0): 1.0, ("sni-100", 0): 2.0}, "above at every seed so far (2 of the 6 seeds the rule needs)"),
+        ({("families", 0): 1.0, ("families", 1): -0.5}, "it cannot win"),
+        ({("sni-100", 2): 0.0}, "it cannot win"),  # a tie is not above
+        ({(p, s): 1.0 for p in ("families", "sni-100") for s in (0, 1, 2)}, "the rule makes it the default"),
+    ],
+)
+def test_the_mixing_rule_says_where_it_stands(results: Path, mix_minus_diagonal: dict, says: str) -> None:
+    for (protocol, seed), diff in mix_minus_diagonal.items():
+        finish(protocol, f"orchmoe-lr0.003-seed{seed}", 30.0)
+        finish(protocol, f"orchmoe-mix-lr0.003-seed{seed}", 30.0 + diff)
+    finish("sni-10", "orchmoe-mix-lr0.003-seed0", 99.0)  # the rule reads families and sni-100 only
+    if ("sni-100", 1) not in mix_minus_diagonal:
+        finish("sni-100", "orchmoe-mix-lr0.003-seed1", 99.0)  # no diagonal run at this seed: not paired, not counted
+    text = "\n".join(report.rule_lines(["families", "sni-10", "sni-100"]))
+    assert says in text
+    rows = {line.split(" | ")[0][2:]: line for line in text.splitlines() if line.startswith("| ")}
+    for (protocol, seed), diff in mix_minus_diagonal.items():
+        assert f"seed {seed}: {diff:+.2f}" in rows[protocol]
+
+
+def test_no_mixing_runs_no_rule(results: Path) -> None:
+    finish("families", "orchmoe-lr0.003-seed0", 30.0)
+    assert report.rule_lines(["families"]) == []
+
+
+def test_the_verdict_pairs_both_allocations_with_every_baseline_by_seed(results: Path) -> None:
+    for seed, (orchmoe, mix, lora, r17) in enumerate([(30, 33, 32, 31), (28, 29, 31, 30)]):
+        for name, seen in (("orchmoe", orchmoe), ("orchmoe-mix", mix), ("lora", lora), ("lora-r17", r17)):
+            finish("sni-100", f"{name}-lr0.003-seed{seed}", 0.0, seen=seen)
+    finish("sni-100", "orchmoe-mix-lr0.003-seed2", 0.0, seen=50)  # no baseline at seed 2: left out of every pair
+    rows = {row.split(" | ")[0]: row.split(" | ")[2:] for row in report.verdict_table(["sni-100"])[2:]}
+    assert set(rows) == {"| lora", "| lora-r17"}  # no Poly or MHR run: no row
+    assert rows["| lora"][0] == "-2.50 ± 0.71 (2 seeds, trails)"  # OrchMoE seen: 30-32, 28-31
+    assert rows["| lora"][2] == "-0.50 ± 2.12 (2 seeds, mixed)"  # mixing seen: 33-32, 29-31
+    assert rows["| lora-r17"][2] == "+0.50 ± 2.12 (2 seeds, mixed)"  # mixing seen: 33-31, 29-30
+    assert rows["| lora"][1] == "+0.00 ± 0.00 (2 seeds, mixed)"  # unseen: 20 - 20 at each seed
