@@ -6,8 +6,9 @@ record of how each figure came about is ``benchmarks/LOG.md``.
 
 What it shows: the current standing (the paper's OrchMoE and the mixing allocation minus every baseline, paired by
 seed; the mixing allocation's pre-registered rule on validation); for each at-scale protocol and test split, every
-method's paired per-seed difference to LoRA at the learning rates validation chose (a forest plot and a table); each OrchMoE variant's allocation distance over training;
-the Task Router's NMI against the true tasks; the speed ratios of the committed speed runs.
+method's paired per-seed difference to LoRA at the learning rates validation chose (a forest plot and a table); each
+OrchMoE variant's allocation distance over training; the Task Router's NMI against the true tasks; the speed ratios of
+the committed speed runs.
 """
 
 from __future__ import annotations
