@@ -1,8 +1,10 @@
-"""Shared fixtures: tiny models built in-process from configs (no download)."""
+"""Shared fixtures: tiny models built in-process from configs (no download); an empty results tree for the at-scale
+benchmark."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 import torch
@@ -78,3 +80,13 @@ def arch(request: pytest.FixtureRequest) -> str:
 @pytest.fixture
 def peft_factory() -> Callable[..., torch.nn.Module]:
     return make_peft
+
+
+@pytest.fixture
+def results(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """An empty results tree in place of ``benchmarks/results/sni-full`` (``at_scale_store.RESULTS``); fill it with
+    ``tests.at_scale_results.finish`` and ``scored``."""
+    from tests.at_scale_results import at_scale_store
+
+    monkeypatch.setattr(at_scale_store, "RESULTS", tmp_path)
+    return tmp_path

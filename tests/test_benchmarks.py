@@ -238,3 +238,8 @@ def test_router_length_benchmark_prints_its_result_line(tmp_path: Path) -> None:
     assert done.stdout.strip().splitlines()[-1].startswith("RESULT tokens=256 peak_mb_quadratic=")
     results = json.loads(out.read_text())
     assert set(results) == {"64", "256"} and set(results["256"]) == {"quadratic", "linear"}
+
+
+def test_head_benchmark_prints_its_result_line() -> None:
+    done = script("head.py", "--model", "tiny-gemma3", "--length", "24", "--repeats", "1")
+    assert done.stdout.strip().splitlines()[-1].startswith("RESULT full_over_supervised_lora=")

@@ -3,7 +3,6 @@ results: regenerated here, nothing may differ, so no figure or number can drift 
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
@@ -12,6 +11,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import report  # noqa: E402
+
+from tests.at_scale_results import finish, scored  # noqa: E402
 
 
 def test_the_committed_report_is_what_the_committed_results_make() -> None:
@@ -54,22 +55,11 @@ def test_every_forest_panel_puts_each_method_on_its_own_labelled_row(monkeypatch
         assert dots == {m: sorted(v["seen"].values()) for m, v in diffs[protocol].items()}
 
 
-def finish(protocol: str, name: str, val: float, seen: float = 30.0, unseen: float = 20.0) -> None:
-    """A finished run in the (monkeypatched) results tree: its kept files, validation and test R-L."""
-    folder = report.store.RESULTS / protocol / name
-    folder.mkdir(parents=True)
-    for kept in report.store.KEPT:
-        (folder / kept).write_text("{}")
-    (folder / "val_metrics.json").write_text(json.dumps({"val": {"macro": {"rougeL": val}}}))
-    test = {split: {"macro": {"rougeL": value}} for split, value in (("seen", seen), ("unseen", unseen))}
-    (folder / "metrics.json").write_text(json.dumps(test))
-
-
 @pytest.fixture
-def results(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    monkeypatch.setattr(report.store, "RESULTS", tmp_path)
-    monkeypatch.setattr(report, "lr_of", lambda protocol, variant: 0.003)  # every method at one lr: no grids needed
-    return tmp_path
+def one_lr(results: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The results tree, every method at one lr (no grids needed)."""
+    monkeypatch.setattr(report, "lr_of", lambda protocol, variant: 0.003)
+    return results
 
 
 @pytest.mark.parametrize(
@@ -81,13 +71,13 @@ def results(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
         ({(p, s): 1.0 for p in ("families", "sni-100") for s in (0, 1, 2)}, "the rule makes it the default"),
     ],
 )
-def test_the_mixing_rule_says_where_it_stands(results: Path, mix_minus_diagonal: dict, says: str) -> None:
+def test_the_mixing_rule_says_where_it_stands(one_lr: Path, mix_minus_diagonal: dict, says: str) -> None:
     for (protocol, seed), diff in mix_minus_diagonal.items():
-        finish(protocol, f"orchmoe-lr0.003-seed{seed}", 30.0)
-        finish(protocol, f"orchmoe-mix-lr0.003-seed{seed}", 30.0 + diff)
-    finish("sni-10", "orchmoe-mix-lr0.003-seed0", 99.0)  # the rule reads families and sni-100 only
-    if ("sni-100", 1) not in mix_minus_diagonal:
-        finish("sni-100", "orchmoe-mix-lr0.003-seed1", 99.0)  # no diagonal run at this seed: not paired, not counted
+        finish(one_lr, f"orchmoe-lr0.003-seed{seed}", 30.0, protocol)
+        finish(one_lr, f"orchmoe-mix-lr0.003-seed{seed}", 30.0 + diff, protocol)
+    finish(one_lr, "orchmoe-mix-lr0.003-seed0", 99.0, "sni-10")  # the rule reads families and sni-100 only
+    if ("sni-100", 1) not in mix_minus_diagonal:  # no diagonal run at this seed: not paired, not counted
+        finish(one_lr, "orchmoe-mix-lr0.003-seed1", 99.0, "sni-100")
     text = "\n".join(report.rule_lines(["families", "sni-10", "sni-100"]))
     assert says in text
     rows = {line.split(" | ")[0][2:]: line for line in text.splitlines() if line.startswith("| ")}
@@ -95,16 +85,16 @@ def test_the_mixing_rule_says_where_it_stands(results: Path, mix_minus_diagonal:
         assert f"seed {seed}: {diff:+.2f}" in rows[protocol]
 
 
-def test_no_mixing_runs_no_rule(results: Path) -> None:
-    finish("families", "orchmoe-lr0.003-seed0", 30.0)
+def test_no_mixing_runs_no_rule(one_lr: Path) -> None:
+    finish(one_lr, "orchmoe-lr0.003-seed0", 30.0)
     assert report.rule_lines(["families"]) == []
 
 
-def test_the_verdict_pairs_both_allocations_with_every_baseline_by_seed(results: Path) -> None:
+def test_the_verdict_pairs_both_allocations_with_every_baseline_by_seed(one_lr: Path) -> None:
     for seed, (orchmoe, mix, lora, r17) in enumerate([(30, 33, 32, 31), (28, 29, 31, 30)]):
         for name, seen in (("orchmoe", orchmoe), ("orchmoe-mix", mix), ("lora", lora), ("lora-r17", r17)):
-            finish("sni-100", f"{name}-lr0.003-seed{seed}", 0.0, seen=seen)
-    finish("sni-100", "orchmoe-mix-lr0.003-seed2", 0.0, seen=50)  # no baseline at seed 2: left out of every pair
+            scored(one_lr, f"{name}-lr0.003-seed{seed}", 0.0, {"seen": seen, "unseen": 20.0}, protocol="sni-100")
+    scored(one_lr, "orchmoe-mix-lr0.003-seed2", 0.0, 50.0, protocol="sni-100")  # no baseline at seed 2: in no pair
     rows = {row.split(" | ")[0]: row.split(" | ")[2:] for row in report.verdict_table(["sni-100"])[2:]}
     assert set(rows) == {"| lora", "| lora-r17"}  # no Poly or MHR run: no row
     assert rows["| lora"][0] == "-2.50 ± 0.71 (2 seeds, trails)"  # OrchMoE seen: 30-32, 28-31
