@@ -221,21 +221,23 @@ def verdict_table(protocols: list[str]) -> list[str]:
 def rule_lines(protocols: list[str]) -> list[str]:
     """The mixing allocation's pre-registered rule: it becomes the default only if its validation R-L is above the
     paper's allocation's at every seed of both of its protocols. Per protocol, the paired validation differences."""
-    rows, above, paired_seeds = [], 0, 0
+    rows, every = [], []
     for protocol in (p for p in protocols if p in at_scale.MIXED):
-        mix, diagonal = (lr_of(protocol, v) for v in (at_scale.MIX, "orchmoe"))
+        lrs = [(v, lr_of(protocol, v)) for v in (at_scale.MIX, "orchmoe")]
+        if any(lr is None for _, lr in lrs):
+            continue
         diffs = {}
         for seed in at_scale.SEEDS:
-            a, b = (store.finished(protocol, at_scale.slug(v, lr, seed)) if lr else None
-                    for v, lr in ((at_scale.MIX, mix), ("orchmoe", diagonal)))  # fmt: skip
-            if a is not None and b is not None:
-                diffs[seed] = at_scale.validation_rouge_l(a) - at_scale.validation_rouge_l(b)
+            mix, diagonal = (at_scale.validation_score(protocol, at_scale.slug(v, lr, seed)) for v, lr in lrs)
+            if mix is not None and diagonal is not None:
+                diffs[seed] = mix - diagonal
         if diffs:
             rows.append(f"| {protocol} | " + ", ".join(f"seed {s}: {d:+.2f}" for s, d in diffs.items())
                         + f" | {sum(d > 0 for d in diffs.values())} of {len(diffs)} |")  # fmt: skip
-            above, paired_seeds = above + sum(d > 0 for d in diffs.values()), paired_seeds + len(diffs)
+            every += diffs.values()
     if not rows:
         return []
+    above, paired_seeds = sum(d > 0 for d in every), len(every)
     needed = len(at_scale.MIXED) * len(at_scale.SEEDS)
     if above < paired_seeds:
         state = "it cannot win: it is not above at every paired seed, so the paper's allocation stays the default"
