@@ -52,6 +52,22 @@ def standing(diffs: list[float]) -> str:
     return "trails" if all(d < 0 for d in diffs) else "mixed"
 
 
+def interval(diffs: list[float], level: float = 0.95) -> tuple[float, float, float]:
+    """The mean of paired per-seed differences and its t-interval (n - 1 degrees of freedom): (mean, low, high)."""
+    from scipy import stats
+
+    mean = statistics.mean(diffs)
+    half = stats.t.ppf((1 + level) / 2, len(diffs) - 1) * statistics.stdev(diffs) / len(diffs) ** 0.5
+    return mean, mean - half, mean + half
+
+
+def word(diffs: list[float]) -> str:
+    """A against B over paired seeds: "helps" when the 95 % interval of the mean difference lies above 0, "hurts" when
+    below, "ties" when it holds 0 (not resolved at this many seeds)."""
+    _, low, high = interval(diffs)
+    return "helps" if low > 0 else "hurts" if high < 0 else "ties"
+
+
 def differences(a: dict[int, Scores], b: dict[int, Scores]) -> dict[tuple[str, str], list[float]]:
     """A - B per seed (in seed order) for each (split, score) that every run of both holds."""
     seeds = sorted(a)

@@ -91,6 +91,20 @@ def test_standing_needs_the_same_sign_at_every_seed(diffs: list[float], expected
     assert at_scale.paired.standing(diffs) == expected
 
 
+@pytest.mark.parametrize(
+    ("diffs", "interval", "word"),
+    [
+        ([-1.0, -2.0, -3.0], (-2.0, -4.484, 0.484), "ties"),  # behind at every seed, but t(0.975, 2) = 4.303
+        ([-4.0, -5.0, -6.0], (-5.0, -7.484, -2.516), "hurts"),
+        ([5.0, 4.0, 6.0], (5.0, 2.516, 7.484), "helps"),
+        ([1.0, -1.0, 0.0, 0.0], (0.0, -1.299, 1.299), "ties"),  # sd 0.816, t(0.975, 3) = 3.182
+    ],
+)
+def test_the_verdict_word_reads_the_95_interval_of_the_paired_mean(diffs: list, interval: tuple, word: str) -> None:
+    assert at_scale.paired.interval(diffs) == pytest.approx(interval, abs=1e-3)
+    assert at_scale.paired.word(diffs) == word
+
+
 def test_a_pairing_across_stacks_says_so(results: Path) -> None:
     for method in ("orchmoe", "lora"):
         scored(results, f"{method}-lr0.001-seed0", 30.0, 30.0)
