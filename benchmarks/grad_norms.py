@@ -17,9 +17,10 @@ from accelerate.utils import set_seed
 
 from orchmoe.data import Collator, encode
 from orchmoe.models import load_model
+from orchmoe.pipeline.batches import batch_order, total_steps
 from orchmoe.pipeline.common import make_selection, read_run_config
 from orchmoe.pipeline.methods import build, method_of, optimizer_groups
-from orchmoe.pipeline.trainer import batch_order, lm_loss, total_steps
+from orchmoe.pipeline.trainer import lm_loss
 
 
 def main() -> None:

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from orchmoe.pipeline.batches import total_steps
 from orchmoe.pipeline.common import make_selection
-from orchmoe.pipeline.trainer import total_steps
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))

@@ -1,6 +1,6 @@
 """Training loop on `accelerate`: one code path for the CPU, a GPU, or `accelerate launch` (DDP/FSDP/DeepSpeed).
 
-The data order is fixed up front from the seed (a stream of seeded permutations cut into full global batches), so a
+The data order is fixed up front from the seed (``batches``: seeded permutations cut into full global batches), so a
 run resumed from a checkpoint sees exactly the batches an uninterrupted run would have seen. The loss is computed on
 target tokens only: the output head runs on the supervised positions alone (``orchmoe.head``), never on the prompt.
 
@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import math
-import random
 import sys
 import time
 from contextlib import nullcontext
@@ -28,13 +27,14 @@ from accelerate import Accelerator, DataLoaderConfiguration
 from accelerate.state import AcceleratorState
 from accelerate.utils import set_seed
 from peft import get_peft_model_state_dict, set_peft_model_state_dict
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import get_constant_schedule_with_warmup, get_linear_schedule_with_warmup
 
 from ..data import Collator, encode
 from ..head import supervised_loss_sum
 from . import checkpoint
+from .batches import FixedBatches, batch_order, total_steps
 from .common import (
     CONFIG_FILE,
     TrainingDiverged,
@@ -49,35 +49,6 @@ from .config import RunConfig
 from .methods import Method, build, count_parameters, gradient_norms, learning_rate, method_of, optimizer_groups
 
 LOG_FILE = "train_log.jsonl"
-
-
-class FixedBatches(Sampler[list[int]]):
-    """A precomputed list of batches (lists of example indices), as a batch sampler accelerate can shard."""
-
-    def __init__(self, batches: list[list[int]], batch_size: int) -> None:
-        self.batches, self.batch_size, self.drop_last = batches, batch_size, False
-
-    def __iter__(self):
-        return iter(self.batches)
-
-    def __len__(self) -> int:
-        return len(self.batches)
-
-
-def batch_order(n_examples: int, batch_size: int, steps: int, seed: int) -> list[list[int]]:
-    """``steps`` full global batches from a stream of seeded permutations of the examples."""
-    rng = random.Random(f"order:{seed}")
-    stream: list[int] = []
-    while len(stream) < steps * batch_size:
-        perm = list(range(n_examples))
-        rng.shuffle(perm)
-        stream += perm
-    return [stream[i * batch_size : (i + 1) * batch_size] for i in range(steps)]
-
-
-def total_steps(cfg: RunConfig, n_examples: int) -> int:
-    steps = max(1, math.ceil(cfg.epochs * n_examples / cfg.batch_size))
-    return min(steps, cfg.max_steps) if cfg.max_steps else steps
 
 
 def lm_loss(model: torch.nn.Module, batch: dict[str, Any], kwargs: dict[str, Any], is_encoder_decoder: bool):
