@@ -61,10 +61,9 @@ def interval(diffs: list[float], level: float = 0.95) -> tuple[float, float, flo
     return mean, mean - half, mean + half
 
 
-def word(diffs: list[float]) -> str:
-    """A against B over paired seeds: "helps" when the 95 % interval of the mean difference lies above 0, "hurts" when
-    below, "ties" when it holds 0 (not resolved at this many seeds)."""
-    _, low, high = interval(diffs)
+def word(low: float, high: float) -> str:
+    """A against B, from the interval of their mean paired difference (``interval``): "helps" when it lies above 0,
+    "hurts" when below, "ties" when it holds 0 (not resolved at this many seeds)."""
     return "helps" if low > 0 else "hurts" if high < 0 else "ties"
 
 

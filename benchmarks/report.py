@@ -165,9 +165,9 @@ def speed_lines() -> list[str]:
     return lines
 
 
-def verdict_prose(protocols: list[str]) -> list[str]:
-    """The verdict in words, by the reading rule fixed in LOG.md: a bullet per protocol, then the tally."""
-    bullets, tally = standing.verdict_lines(protocols)
+def verdict_prose(bullets: list[str], tally: str) -> list[str]:
+    """The verdict in words (``standing.verdict_lines``), by the reading rule fixed in LOG.md: a bullet per protocol,
+    then the tally."""
     if not bullets:
         return []
     intro = (
@@ -194,6 +194,8 @@ def build() -> dict[Path, bytes]:
     OUTPUTS.clear()
     protocols = [p for p in PROTOCOLS if any(store.finished(p, f.name) for f in (store.RESULTS / p).glob("*"))]
     all_diffs = {p: differences_to_lora(p) for p in protocols}
+    verdict = standing.verdict_table(protocols)  # in BENCHMARKS.md and the README
+    bullets, tally = standing.verdict_lines(protocols)  # BENCHMARKS.md's words and the README's tally
     forest_figure({p: d for p, d in all_diffs.items() if d}, FIGURES / "at_scale_forest.png")
     allocation_figure(protocols, FIGURES / "allocation_over_training.png")
     lines = [
@@ -211,9 +213,9 @@ def build() -> dict[Path, bytes]:
         "parameter count (its mixing matrices add 5 % to the adapters); Poly and MHR get the true task id on trained "
         "tasks. One seed is a single draw, not a verdict.",
         "",
-        *standing.verdict_table(protocols),
+        *verdict,
         "",
-        *verdict_prose(protocols),
+        *verdict_prose(bullets, tally),
         *standing.rule_lines(protocols),
         "## At scale: every method minus LoRA",
         "",
@@ -262,8 +264,7 @@ def build() -> dict[Path, bytes]:
     if VERDICT_START in readme:
         head, rest = readme.split(VERDICT_START, 1)
         _, tail = rest.split(VERDICT_END, 1)
-        _, tally = standing.verdict_lines(protocols)
-        table = "\n".join([*standing.verdict_table(protocols), *(["", wrap(tally)] if tally else [])])
+        table = "\n".join([*verdict, *(["", wrap(tally)] if tally else [])])
         OUTPUTS[REPO / "README.md"] = f"{head}{VERDICT_START}\n{table}\n{VERDICT_END}{tail}".encode()
     return dict(OUTPUTS)
 

@@ -82,7 +82,7 @@ def worded(diffs: dict[int, float]) -> tuple[str | None, str]:
         return None, f"has no word yet ({len(values)} of {SEEDS_FOR_A_WORD} seeds)"
     mean, low, high = paired.interval(values)
     every = {"leads": ", ahead at every seed", "trails": ", behind at every seed"}.get(paired.standing(values), "")
-    word = paired.word(values)
+    word = paired.word(low, high)
     return word, f"{word} ({mean:+.2f}, 95\u00a0% interval {low:+.2f} to {high:+.2f}{every})"
 
 
