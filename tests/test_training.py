@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import subprocess
 import sys
@@ -18,6 +19,7 @@ from trl import DPOConfig, DPOTrainer, GRPOConfig, GRPOTrainer, SFTConfig, SFTTr
 import orchmoe
 from orchmoe import OrchMoEConfig
 from orchmoe.models import char_tokenizer, tiny_model
+from orchmoe.training import RelaxationCallback
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "examples"))
@@ -68,7 +70,7 @@ def test_trainer_routes_training_from_the_prompt(tmp_path: Path, trainer_cls: ty
 
 
 def test_orchmoe_trainer_gives_routers_their_learning_rate_and_anneals(tmp_path: Path) -> None:
-    model = orchmoe_model(router_lr_multiplier=4.0)
+    model = orchmoe_model(router_lr_multiplier=4.0, allocation="diagonal")
     args = TrainingArguments(output_dir=str(tmp_path), **COMMON, weight_decay=0.1)
     collator = DataCollatorForSeq2Seq(TOKENIZER, label_pad_token_id=-100)
     trainer = orchmoe.OrchMoETrainer(model=model, args=args, train_dataset=tokenized(), data_collator=collator,
@@ -83,6 +85,20 @@ def test_orchmoe_trainer_gives_routers_their_learning_rate_and_anneals(tmp_path:
     assert any(g["weight_decay"] == 0.1 for g in groups)
     config = model.peft_config["default"]
     assert config.temperature == pytest.approx(4.0) and config.noise_scale == pytest.approx(0.0)
+
+
+@pytest.mark.parametrize(("allocation", "refused"), [("diagonal", False), ("mixing", True)])
+def test_a_relaxation_schedule_needs_an_allocation_that_relaxes(tmp_path: Path, allocation: str, refused: bool) -> None:
+    model = orchmoe_model(allocation=allocation)
+    args = TrainingArguments(output_dir=str(tmp_path), **COMMON)
+    make = functools.partial(orchmoe.OrchMoETrainer, model=model, args=args, train_dataset=tokenized(),
+                             data_collator=DataCollatorForSeq2Seq(TOKENIZER, label_pad_token_id=-100),
+                             noise_scale_end=0.0)  # fmt: skip
+    if refused:
+        with pytest.raises(ValueError, match="allocation='diagonal'"):
+            make()
+    else:
+        assert any(isinstance(c, RelaxationCallback) for c in make().callback_handler.callbacks)
 
 
 def lora_model() -> torch.nn.Module:

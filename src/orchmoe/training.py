@@ -91,6 +91,17 @@ def set_relaxation(model: nn.Module, temperature: float | None = None, noise_sca
                 setattr(module, key, value)
 
 
+def check_relaxed(model: nn.Module) -> None:
+    """A relaxation schedule anneals the diagonal allocation's Gumbel-softmax; refuse it where there is none to anneal
+    (the mixing allocation has no noise and no temperature), rather than train as if it applied."""
+    if not any(isinstance(m, SkillRouter) for m in get_tuner(model).modules()):
+        raise ValueError(
+            "temperature_end / noise_scale_end anneal the Gumbel-softmax of OrchMoEConfig(allocation='diagonal'); "
+            "this model's allocation is 'mixing', which has neither temperature nor noise: drop them, or build the "
+            "adapter with allocation='diagonal'."
+        )
+
+
 def is_orchmoe(model: nn.Module) -> bool:
     return isinstance(getattr(model, "base_model", None), OrchMoEModel) or isinstance(model, OrchMoEModel)
 
@@ -167,6 +178,8 @@ class OrchMoETrainerMixin:
                 "packing=False (SFTConfig(packing=False))."
             )
         schedule = RelaxationSchedule(temperature_end, noise_scale_end)
+        if schedule.active and is_orchmoe(self.model):
+            check_relaxed(self.model)
         if schedule.active:
             self.add_callback(RelaxationCallback(schedule))
 

@@ -70,6 +70,8 @@ def test_bad_config_files(tmp_path: Path, body: str, suffix: str, match: str) ->
         ({"n_train": 0}, "--n-train"),
         ({"lr": 0.0}, "--lr"),
         ({"noise_scale_end": -1.0}, "--noise-scale-end"),
+        ({"allocation": "mixing", "noise_scale_end": 0.0}, "--allocation mixing has neither"),
+        ({"allocation": "mixing", "temperature_end": 4.0}, "--allocation mixing has neither"),
         ({"preset": "huge"}, "Unknown preset"),
     ],
 )

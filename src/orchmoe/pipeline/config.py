@@ -118,6 +118,11 @@ class RunConfig:
             raise ValueError(f"--batch-size {self.batch_size} must be a multiple of --grad-accum {self.grad_accum}.")
         if self.allocation not in ("diagonal", "mixing"):
             raise ValueError(f"--allocation must be diagonal or mixing, got {self.allocation!r}.")
+        if self.allocation == "mixing" and (self.temperature_end is not None or self.noise_scale_end is not None):
+            raise ValueError(
+                "--temperature-end / --noise-scale-end anneal the diagonal allocation's Gumbel-softmax; --allocation "
+                "mixing has neither temperature nor noise: drop them, or use --allocation diagonal."
+            )
         if self.schedule not in ("linear", "constant"):
             raise ValueError(f"--schedule must be linear or constant, got {self.schedule!r}.")
         if self.lr is not None and self.lr <= 0:
