@@ -1,4 +1,4 @@
-"""OrchMoE with Hugging Face's Trainer: routers at their own learning rate, the router loss, a relaxation schedule.
+"""OrchMoE with Hugging Face's Trainer: routers at their own learning rate, the router loss.
 
     python examples/trainer.py                                  # tiny model, seconds on a CPU
     python examples/trainer.py --model gemma3-270m --bf16 --gradient-checkpointing --steps 200
@@ -55,7 +55,6 @@ def main() -> None:
         args=training_args,
         train_dataset=train,
         data_collator=DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100),
-        temperature_end=4.0,  # the Gumbel temperature rises 1 -> 4 over training
     )
     trainer.train()
     if trainer.is_world_process_zero():

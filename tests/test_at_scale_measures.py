@@ -181,7 +181,7 @@ def test_park_keeps_an_unmeasured_adapter_and_measure_uses_then_drops_it(results
 def test_allocation_spread_tells_whether_abstract_tasks_get_different_skills(
     tmp_path: Path, skills_of: str, between: float, effective: float
 ) -> None:
-    model = make_peft("tiny-gemma3")  # S = 4 skills
+    model = make_peft("tiny-gemma3", allocation="diagonal")  # S = 4 skills
     with torch.no_grad():
         for module in model.modules():
             if isinstance(module, SkillRouter):

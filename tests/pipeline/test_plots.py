@@ -14,7 +14,7 @@ from tests.conftest import make_peft
 
 @pytest.mark.parametrize(("logit", "expected"), [(0.0, 0.0), (50.0, 0.75)])
 def test_allocation_figure_reports_the_distance_from_uniform(tmp_path: Path, logit: float, expected: float) -> None:
-    model = make_peft("tiny-gemma3")  # S = 4 skills
+    model = make_peft("tiny-gemma3", allocation="diagonal")  # S = 4 skills
     with torch.no_grad():
         for module in model.modules():
             if isinstance(module, SkillRouter):

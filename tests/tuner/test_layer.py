@@ -27,7 +27,7 @@ def naive(layer: Linear, x: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
 )
 def test_fused_layer_matches_per_skill_loop(skills: int, rank: int, shape: tuple[int, ...]) -> None:
     torch.manual_seed(0)
-    config = OrchMoEConfig(n_skills=skills, r=rank, target_modules=["lin"], init_weights=False)
+    config = OrchMoEConfig(allocation="diagonal", n_skills=skills, r=rank, target_modules=["lin"], init_weights=False)
     layer = Linear(nn.Linear(7, 6), "default", config)
     x = torch.randn(*shape)
     alpha = torch.rand(shape[0], skills) * skills
@@ -37,7 +37,9 @@ def test_fused_layer_matches_per_skill_loop(skills: int, rank: int, shape: tuple
 
 def test_layer_expands_routing_for_beams_and_rejects_bad_batches() -> None:
     torch.manual_seed(0)
-    layer = Linear(nn.Linear(7, 6), "default", OrchMoEConfig(n_skills=3, r=2, init_weights=False))
+    layer = Linear(
+        nn.Linear(7, 6), "default", OrchMoEConfig(allocation="diagonal", n_skills=3, r=2, init_weights=False)
+    )
     alpha = torch.rand(2, 3)
     x = torch.randn(4, 5, 7)  # each example expanded to two beams
     expected = naive(layer, x, alpha.repeat_interleave(2, dim=0))
@@ -47,7 +49,7 @@ def test_layer_expands_routing_for_beams_and_rejects_bad_batches() -> None:
 
 
 def test_layer_without_routing_fails_loudly_and_cannot_merge() -> None:
-    layer = Linear(nn.Linear(7, 6), "default", OrchMoEConfig(n_skills=3, r=2))
+    layer = Linear(nn.Linear(7, 6), "default", OrchMoEConfig(allocation="diagonal", n_skills=3, r=2))
     with pytest.raises(RoutingMissingError, match="without routing"):
         layer(torch.randn(2, 7))
     with pytest.raises(NotImplementedError, match="export"):
@@ -57,7 +59,7 @@ def test_layer_without_routing_fails_loudly_and_cannot_merge() -> None:
 def test_uniform_routing_is_a_lora_of_rank_s_times_r() -> None:
     """With alpha = S * (1/S) = 1 for every skill, OrchMoE is LoRA of rank S*r with scaling lora_alpha/(S*r)."""
     torch.manual_seed(0)
-    config = OrchMoEConfig(n_skills=4, r=2, lora_alpha=8.0, init_weights=False)
+    config = OrchMoEConfig(allocation="diagonal", n_skills=4, r=2, lora_alpha=8.0, init_weights=False)
     layer = Linear(nn.Linear(7, 6), "default", config)
     x = torch.randn(3, 5, 7)
     a, b = layer.orchmoe_A["default"], layer.orchmoe_B["default"]

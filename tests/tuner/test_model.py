@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
@@ -43,7 +45,7 @@ def test_forward_backward_reaches_every_trainable_part(arch: str) -> None:
 
 
 def test_routing_weights_are_distributions(arch: str) -> None:
-    model = make_peft(arch)
+    model = make_peft(arch, allocation="diagonal")
     model.eval()
     routing = orchmoe.routing(model, inputs(batch=5))
     w = routing.task_weights
@@ -97,6 +99,19 @@ def test_save_load_round_trip_is_exact(arch: str, tmp_path) -> None:
     loaded = PeftModel.from_pretrained(tiny_model(arch, vocab_size=VOCAB, seed=0), tmp_path).eval()
     batch = inputs(batch=3, seed=5)
     assert torch.equal(logits(model, batch, arch), logits(loaded, batch, arch))
+
+
+def test_an_adapter_saved_before_the_allocation_option_loads_as_the_diagonal_it_is(tmp_path) -> None:
+    """Versions with only the paper's allocation saved no ``allocation``; read as today's default (mixing), such an
+    adapter would load with its allocation logits unused and every M_t = I: a silent wrong answer."""
+    model = make_peft("tiny-gemma3", allocation="diagonal").eval()
+    model.save_pretrained(tmp_path)
+    path = tmp_path / "adapter_config.json"
+    path.write_text(json.dumps({k: v for k, v in json.loads(path.read_text()).items() if k != "allocation"}))
+    loaded = PeftModel.from_pretrained(tiny_model("tiny-gemma3", vocab_size=VOCAB, seed=0), tmp_path).eval()
+    assert loaded.peft_config["default"].allocation == "diagonal"
+    batch = inputs(batch=3, seed=5)
+    assert torch.equal(logits(model, batch, "tiny-gemma3"), logits(loaded, batch, "tiny-gemma3"))
 
 
 def test_disabled_adapter_gives_base_output(arch: str) -> None:
@@ -160,7 +175,7 @@ def test_router_objective_is_added_to_the_loss_in_training() -> None:
 
 
 def test_gumbel_noise_only_in_training() -> None:
-    model = make_peft("tiny-gemma3")
+    model = make_peft("tiny-gemma3", allocation="diagonal")
     tuner = orchmoe.get_tuner(model)
     w = torch.full((2, 3), 1 / 3)  # two examples with the same abstract-task weights
     first, second = (tuner.skill_weights(w, stochastic=True) for _ in range(2))

@@ -90,7 +90,8 @@ class RunConfig:
     allocation: str = field(
         default="diagonal",
         metadata={
-            "help": "OrchMoE task-skill allocation: diagonal (the paper's) or mixing (a matrix per abstract task)."
+            "help": "OrchMoE task-skill allocation: diagonal (the paper's, so the default of --method orchmoe) or "
+            "mixing (a matrix per abstract task; OrchMoEConfig's default, chosen by the project's validation)."
         },
     )
     router_mi_weight: float = field(default=0.1, metadata={"help": "OrchMoE router MI weight lambda."})

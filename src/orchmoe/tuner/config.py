@@ -67,13 +67,14 @@ class OrchMoEConfig(PeftConfig):
         default=True, metadata={"help": "Initialise every skill's B to zero (the adapted model starts as the base)."}
     )
     allocation: str = field(
-        default="diagonal",
+        default="mixing",
         metadata={
-            "help": "The Skill Router's allocation. 'diagonal' (the paper's): a learned task-skill matrix Z (T x S), "
-            "each abstract task reweighting the S skills, relaxed with Gumbel-softmax while training. 'mixing': a "
-            "matrix M_t (S*r x S*r) per abstract task and module, initialised to the identity (exactly a LoRA of "
-            "rank S*r at the start), no noise; it adds T*(S*r)^2 parameters per module (temperature and noise_scale "
-            "do not apply)."
+            "help": "The Skill Router's allocation. 'mixing' (the default): a matrix M_t (S*r x S*r) per abstract "
+            "task and module, initialised to the identity (exactly a LoRA of rank S*r at the start), no noise; it "
+            "adds T*(S*r)^2 parameters per module (temperature and noise_scale do not apply). It had the higher "
+            "validation ROUGE-L at every seed of the project's two at-scale protocols (BENCHMARKS.md). 'diagonal' "
+            "(the paper's): a learned task-skill matrix Z (T x S), each abstract task reweighting the S skills, "
+            "relaxed with Gumbel-softmax while training."
         },
     )
     temperature: float = field(
@@ -106,10 +107,12 @@ class OrchMoEConfig(PeftConfig):
 
     @classmethod
     def check_kwargs(cls, **kwargs: object) -> dict[str, object]:
-        """Saved configs of earlier versions: ``n_tasks`` was the number of abstract tasks, and options since removed
-        load when they hold the value that is now fixed."""
+        """Saved configs of earlier versions: ``n_tasks`` was the number of abstract tasks, a config without
+        ``allocation`` is the diagonal one (the default before), and options since removed load when they hold the
+        value that is now fixed."""
         if "n_tasks" in kwargs and "n_abstract_tasks" not in kwargs:
             kwargs["n_abstract_tasks"] = kwargs.pop("n_tasks")
+        kwargs.setdefault("allocation", "diagonal")  # saved before the option existed: the only allocation then
         for name, fixed in REMOVED_OPTIONS.items():
             if name in kwargs and (value := kwargs.pop(name)) != fixed and fixed is not None:
                 raise ValueError(
